@@ -1,0 +1,201 @@
+"""Dispatch: move tokens into expert buffers and expert outputs back, weighted (GShard, Lepikhin
+et al. 2020; MegaBlocks, Gale et al. 2022 for the dropless form).
+
+Three interchangeable strategies behind one interface, `dispatch(x, decision) -> (inputs, ctx)`
+and `combine(outputs, ctx) -> y`:
+- 'einsum': the GShard/Flaxformer reference, one-hot masks [G, S, E, C] and two einsums. Its
+  work and memory grow with S * E * C.
+- 'index': integer slot maps and row gathers, O(tokens x K) memory. Both directions are gathers
+  and so are their gradients: a token's slots and a slot's token are inverse maps, so the VJP
+  of one gather is a gather through the other map (no scatter-add of activations).
+- 'dropless': assignments sorted by expert and a grouped matmul (jax.lax.ragged_dot); nothing is
+  padded or dropped. Fast on GPU/TPU; XLA:CPU lowers ragged_dot to a dense product over all E.
+Buffers use the layout [E, G * C, D] (expert-major), the one expert parallelism shards over E.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from moe_jax.routing import ExpertChoice, TokenChoice
+
+Strategy = Literal["einsum", "index", "dropless"]
+STRATEGIES = ("einsum", "index", "dropless")
+
+
+@jax.custom_vjp
+def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array) -> jax.Array:
+    """out[i] = x[index[i]] (0 where index[i] >= N): x [N, D], index int [M] -> [M, D].
+
+    inverse int [N, m]: the rows of out that read each row of x (entries >= M: none). The
+    gradient is then a gather too: dx[j] = sum_m dout[inverse[j, m]].
+    """
+    return jnp.take(x, index, axis=0, mode="fill", fill_value=0)
+
+
+def _gather_rows_fwd(x, index, inverse):
+    return gather_rows(x, index, inverse), (index, inverse)
+
+
+def _gather_rows_bwd(res, dout):
+    index, inverse = res
+    dx = jnp.take(dout, inverse, axis=0, mode="fill", fill_value=0)  # [N, m, D]
+    return jnp.sum(dx, axis=1), None, None  # [N, D]
+
+
+gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+def buffer_capacity(decision: TokenChoice | ExpertChoice, group_size: int) -> int:
+    """Slots per expert and group; dropless decisions get S (an expert takes a token at most once)."""
+    return group_size if decision.capacity is None else decision.capacity
+
+
+# ----------------------------------------------------------------------------- einsum (reference)
+def _einsum_masks(decision, S: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Dispatch mask and combine weights, both [G, S, E, C]."""
+    C = buffer_capacity(decision, S)
+    if isinstance(decision, TokenChoice):
+        E = decision.num_experts
+        # [G, S, K, E] x [G, S, K, C] -> [G, S, E, C]; position -1 has an all-zero one-hot.
+        expert = jax.nn.one_hot(decision.expert_index, E, dtype=jnp.float32)
+        slot = jax.nn.one_hot(decision.position, C, dtype=jnp.float32)
+        combine = jnp.einsum("gske,gskc,gsk->gsec", expert, slot, decision.weight)
+        dispatch = jnp.einsum("gske,gskc->gsec", expert, slot)
+    else:
+        # [G, E, C] token ids -> [G, E, C, S] one-hot -> [G, S, E, C]
+        dispatch = jnp.transpose(jax.nn.one_hot(decision.token_index, S, dtype=jnp.float32), (0, 3, 1, 2))
+        combine = dispatch * decision.weight[:, None, :, :]
+    return dispatch.astype(dtype), combine
+
+
+class EinsumCtx(NamedTuple):
+    combine: jax.Array  # float32 [G, S, E, C]
+
+
+def einsum_dispatch(x: jax.Array, decision) -> tuple[jax.Array, EinsumCtx]:
+    G, S, D = x.shape
+    dispatch, combine = _einsum_masks(decision, S, x.dtype)
+    inputs = jnp.einsum("gsec,gsd->egcd", dispatch, x)  # [E, G, C, D]
+    E, _, C, _ = inputs.shape
+    return inputs.reshape(E, G * C, D), EinsumCtx(combine)
+
+
+def einsum_combine(outputs: jax.Array, ctx: EinsumCtx) -> jax.Array:
+    G, S, E, C = ctx.combine.shape
+    outputs = outputs.reshape(E, G, C, -1)  # [E, G*C, D] -> [E, G, C, D]
+    return jnp.einsum("egcd,gsec->gsd", outputs, ctx.combine.astype(outputs.dtype))  # [G, S, D]
+
+
+# ----------------------------------------------------------------------------- index
+class IndexCtx(NamedTuple):
+    token_slot: jax.Array | None  # int32 [G*S, K]: flat slot of each choice (E*G*C when dropped)
+    slot_token: jax.Array  # int32 [E*G*C]: flat token in each slot (G*S when empty)
+    slot_choice: jax.Array | None  # int32 [E*G*C]: flat (token, choice) index in each slot
+    weight: jax.Array  # float32 [G*S, K] (token choice) or [E*G*C] (expert choice)
+    shape: tuple[int, int]  # (G, S)
+
+
+def _token_choice_maps(decision: TokenChoice, G: int, S: int, C: int):
+    E, K = decision.num_experts, decision.position.shape[-1]
+    num_slots, num_tokens = E * G * C, G * S
+    group = jnp.arange(G, dtype=jnp.int32)[:, None, None]
+    # [G, S, K]: flat slot e*G*C + g*C + position, or the out-of-range num_slots when dropped.
+    slot = decision.expert_index * (G * C) + group * C + decision.position
+    token_slot = jnp.where(decision.position >= 0, slot, num_slots).reshape(num_tokens, K)
+    # Inverse maps: [E*G*C] token (and token-choice pair) held by each slot; empty slots are out of range.
+    choice_id = jnp.arange(num_tokens * K, dtype=jnp.int32)
+    slot_choice = jnp.full((num_slots,), num_tokens * K, jnp.int32).at[token_slot.reshape(-1)].set(
+        choice_id, mode="drop")
+    slot_token = jnp.where(slot_choice < num_tokens * K, slot_choice // K, num_tokens)
+    return token_slot, slot_token, slot_choice
+
+
+def index_dispatch(x: jax.Array, decision) -> tuple[jax.Array, IndexCtx]:
+    G, S, D = x.shape
+    C = buffer_capacity(decision, S)
+    E = decision.num_experts
+    tokens = x.reshape(G * S, D)
+    if isinstance(decision, TokenChoice):
+        token_slot, slot_token, slot_choice = _token_choice_maps(decision, G, S, C)
+        inputs = gather_rows(tokens, slot_token, token_slot)  # [G*S, D] -> [E*G*C, D]
+        ctx = IndexCtx(token_slot, slot_token, slot_choice, decision.weight.reshape(G * S, -1), (G, S))
+    else:
+        # [G, E, C] -> [E, G, C] -> [E*G*C]: flat token id of each slot (every slot is filled).
+        slot_token = jnp.transpose(decision.token_index + jnp.arange(G, dtype=jnp.int32)[:, None, None] * S,
+                                   (1, 0, 2)).reshape(-1)
+        inputs = jnp.take(tokens, slot_token, axis=0)  # [E*G*C, D]
+        weight = jnp.transpose(decision.weight, (1, 0, 2)).reshape(-1)  # [E*G*C]
+        ctx = IndexCtx(None, slot_token, None, weight, (G, S))
+    return inputs.reshape(E, G * C, D), ctx
+
+
+def index_combine(outputs: jax.Array, ctx: IndexCtx) -> jax.Array:
+    E, N, D = outputs.shape
+    G, S = ctx.shape
+    flat = outputs.reshape(E * N, D)
+    if ctx.token_slot is None:  # expert choice: a token may sit in 0..E slots, so scatter-add.
+        weighted = flat * ctx.weight[:, None].astype(flat.dtype)  # [E*G*C, D]
+        y = jnp.zeros((G * S, D), flat.dtype).at[ctx.slot_token].add(weighted)
+        return y.reshape(G, S, D)
+    K = ctx.token_slot.shape[-1]
+    picked = gather_rows(flat, ctx.token_slot.reshape(-1), ctx.slot_choice[:, None])  # [G*S*K, D]
+    picked = picked.reshape(G * S, K, D)
+    y = jnp.einsum("tkd,tk->td", picked, ctx.weight.astype(flat.dtype))  # [G*S, D]
+    return y.reshape(G, S, D)
+
+
+# ----------------------------------------------------------------------------- dropless
+class DroplessCtx(NamedTuple):
+    token_row: jax.Array  # int32 [G*S, K]: row of each choice in the sorted layout (N when dropped)
+    row_choice: jax.Array  # int32 [N]: flat (token, choice) index of each sorted row
+    weight: jax.Array  # float32 [G*S, K]
+    shape: tuple[int, int]
+
+
+def dropless_dispatch(x: jax.Array, decision) -> tuple[tuple[jax.Array, jax.Array], DroplessCtx]:
+    """Returns ((rows [N, D] sorted by expert, group_sizes int32 [E]), ctx), N = G*S*K."""
+    if not isinstance(decision, TokenChoice):
+        raise ValueError("dispatch='dropless' needs token-choice routing (router 'top_k', 'noisy_top_k', "
+                         f"'hierarchical' or 'dense'), got {type(decision).__name__}")
+    G, S, D = x.shape
+    E, K = decision.num_experts, decision.position.shape[-1]
+    n = G * S * K
+    # Kept assignments sorted by expert (stable); dropped ones go to a last bucket E, after all rows.
+    expert = jnp.where(decision.position >= 0, decision.expert_index, E).reshape(n)  # [N]
+    choice_id = jnp.arange(n, dtype=jnp.int32)
+    _, row_choice = jax.lax.sort((expert, choice_id), num_keys=1, is_stable=True)  # [N]
+    group_sizes = jnp.bincount(expert, length=E + 1)[:E].astype(jnp.int32)  # [E]
+    row_of_choice = jnp.zeros((n,), jnp.int32).at[row_choice].set(choice_id)  # inverse permutation
+    num_kept = jnp.sum(group_sizes)
+    token_row = jnp.where(row_of_choice < num_kept, row_of_choice, n).reshape(G * S, K)
+    row_token = jnp.where(choice_id < num_kept, row_choice // K, G * S)  # [N]
+    rows = gather_rows(x.reshape(G * S, D), row_token, token_row)  # [N, D]
+    ctx = DroplessCtx(token_row, jnp.where(choice_id < num_kept, row_choice, n), decision.weight.reshape(G * S, K),
+                      (G, S))
+    return (rows, group_sizes), ctx
+
+
+def dropless_combine(outputs: jax.Array, ctx: DroplessCtx) -> jax.Array:
+    G, S = ctx.shape
+    K = ctx.token_row.shape[-1]
+    D = outputs.shape[-1]
+    picked = gather_rows(outputs, ctx.token_row.reshape(-1), ctx.row_choice[:, None])  # [G*S*K, D]
+    y = jnp.einsum("tkd,tk->td", picked.reshape(G * S, K, D), ctx.weight.astype(outputs.dtype))
+    return y.reshape(G, S, D)
+
+
+_IMPLS: dict[str, tuple[Any, Any]] = {
+    "einsum": (einsum_dispatch, einsum_combine),
+    "index": (index_dispatch, index_combine),
+    "dropless": (dropless_dispatch, dropless_combine),
+}
+
+
+def get(strategy: str):
+    """(dispatch, combine) functions of a strategy name."""
+    if strategy not in _IMPLS:
+        raise ValueError(f"dispatch must be one of {STRATEGIES}, got {strategy!r}")
+    return _IMPLS[strategy]

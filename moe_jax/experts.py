@@ -1,0 +1,72 @@
+"""Feed-forward blocks: the dense FFN (T5 / Transformer) and a batch of E expert FFNs.
+
+Experts hold weights [E, D, F] and [E, F, D] (GShard's layout; the leading axis is the one
+expert parallelism shards). Activations: 'relu', 'gelu', and the gated 'swiglu' / 'geglu'
+(Shazeer 2020, "GLU Variants Improve Transformer"; T5.1.1 uses gated GELU, Mixtral SwiGLU).
+Expert dropout (Switch, fine-tuning) is its own rate, separate from the model's dropout.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
+_ACT: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
+
+
+def is_gated(activation: str) -> bool:
+    return activation in ("swiglu", "geglu")
+
+
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+def fan_in_init(scale: float = 1.0):
+    """Truncated normal with std sqrt(scale / fan_in), fan_in = axis -2 (T5 / Switch init)."""
+    return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1)
+
+
+class FeedForward(nnx.Module):
+    """One FFN or a batch of E of them; `num_experts=None` is the dense FFN.
+
+    Dense: x [..., D] -> [..., D]. Experts: x [E, N, D] -> [E, N, D], or, with group_sizes
+    int32 [E], rows [N, D] sorted by expert -> [N, D] through jax.lax.ragged_dot.
+    """
+
+    def __init__(self, d_model: int, d_ff: int, *, num_experts: int | None = None, activation: str = "relu",
+                 dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        check_activation(activation)
+        self.activation, self.dtype, self.num_experts = activation, dtype, num_experts
+        lead = () if num_experts is None else (num_experts,)
+        lead_name = () if num_experts is None else ("expert",)
+
+        def param(shape, names):
+            return nnx.Param(fan_in_init()(rngs.params(), lead + shape, param_dtype), sharding_names=lead_name + names)
+
+        n_in = 2 if is_gated(activation) else 1
+        self.wi = nnx.List([param((d_model, d_ff), ("embed", "mlp")) for _ in range(n_in)])
+        self.wo = param((d_ff, d_model), ("mlp", "embed"))
+        self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
+
+    def __call__(self, x: jax.Array, group_sizes: jax.Array | None = None) -> jax.Array:
+        x = x.astype(self.dtype)
+        if group_sizes is not None:
+            def matmul(a, w):  # [N, D] x [E, D, F] -> [N, F], rows grouped by expert
+                return jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes)
+        elif self.num_experts is None:
+            def matmul(a, w):  # [..., D] x [D, F] -> [..., F]
+                return jnp.einsum("...d,df->...f", a, w.astype(self.dtype))
+        else:
+            def matmul(a, w):  # [E, N, D] x [E, D, F] -> [E, N, F]
+                return jnp.einsum("end,edf->enf", a, w.astype(self.dtype))
+        h = _ACT[self.activation](matmul(x, self.wi[0][...]))  # [..., F]
+        if is_gated(self.activation):
+            h = h * matmul(x, self.wi[1][...])
+        h = self.dropout(h)
+        return matmul(h, self.wo[...])  # [..., F] -> [..., D]

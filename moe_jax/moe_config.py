@@ -1,0 +1,136 @@
+"""Options of one MoE layer, validated before anything is built.
+
+Each routing semantic on which papers differ is a named option here (see
+shared/moe-reference.md); `MoEConfig.from_dict` builds one from an ml_collections `config.moe`
+and refuses unknown fields.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from moe_jax.experts import ACTIVATIONS
+from moe_jax.routing.capacity import CAPACITY_FORMULAS, CAPACITY_ROUNDINGS, FILL_ORDERS
+from moe_jax.routing.token_choice import SECOND_CHOICE_POLICIES
+
+ROUTERS = ("top_k", "expert_choice", "soft", "dense", "hierarchical", "noisy_top_k")
+DISPATCHES = ("auto", "einsum", "index", "dropless")
+# Routers that look at the whole group when they decide: never in a causal (decoder) layer.
+GROUP_WIDE_ROUTERS = ("expert_choice", "soft")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    num_experts: int = 8
+    k: int = 1  # choices per token (for 'hierarchical': experts chosen inside each chosen group)
+    router: str = "top_k"
+    d_ff: int = 2048  # hidden width of one expert
+    activation: str = "relu"
+    # Capacity: slots per expert and group; a factor <= 0 means dropless (nothing is dropped).
+    train_capacity_factor: float = 1.25
+    eval_capacity_factor: float = 2.0
+    capacity_formula: str = "assignments"  # 'assignments': cf*k*S/E (GShard, V-MoE); 'tokens': cf*S/E (Flaxformer)
+    capacity_rounding: str = "ceil"
+    min_capacity: int = 1  # Flaxformer uses 4
+    capacity_multiple_of: int = 1
+    group_size: int = 0  # tokens per routing group; 0 means one group per sequence
+    # Fill order of expert buffers (see routing/capacity.py).
+    order: str = "rank_major"
+    batch_prioritized: bool = False  # V-MoE BPR: non-causal
+    renormalize: bool = False  # divide the k weights by their sum (GShard, Mixtral) or not (Switch, V-MoE)
+    second_choice: str = "all"  # 'random': GShard's stochastic second expert (k=2)
+    # Router.
+    router_init_scale: float = 0.1  # truncated normal, std sqrt(scale / d_model) (Switch Table 3)
+    jitter_eps: float = 0.0  # multiply router inputs by U[1-eps, 1+eps] in training (Switch)
+    bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
+    num_expert_groups: int = 1  # 'hierarchical': E1 groups of num_experts / E1 experts
+    k_groups: int = 1  # 'hierarchical': groups chosen per token
+    soft_slots_per_expert: int = 1  # 'soft': slots P per expert
+    # Experts.
+    dispatch: str = "auto"
+    expert_dropout: float = 0.0
+    num_shared_experts: int = 0  # DeepSeekMoE always-on experts, each of width d_ff
+
+    def __post_init__(self):
+        def choice(field, allowed):
+            value = getattr(self, field)
+            if value not in allowed:
+                raise ValueError(f"moe.{field} must be one of {allowed}, got {value!r}")
+
+        def integer(field, low):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"moe.{field} must be an int >= {low}, got {value!r}")
+
+        choice("router", ROUTERS)
+        choice("activation", ACTIVATIONS)
+        choice("capacity_formula", CAPACITY_FORMULAS)
+        choice("capacity_rounding", CAPACITY_ROUNDINGS)
+        choice("order", FILL_ORDERS)
+        choice("second_choice", SECOND_CHOICE_POLICIES)
+        choice("dispatch", DISPATCHES)
+        for field, low in (("num_experts", 1), ("k", 1), ("d_ff", 1), ("min_capacity", 0),
+                           ("capacity_multiple_of", 1), ("group_size", 0), ("num_expert_groups", 1),
+                           ("k_groups", 1), ("soft_slots_per_expert", 1), ("num_shared_experts", 0)):
+            integer(field, low)
+        for field in ("train_capacity_factor", "eval_capacity_factor", "router_init_scale", "jitter_eps",
+                      "bias_update_rate", "expert_dropout"):
+            if isinstance(getattr(self, field), bool) or not isinstance(getattr(self, field), (int, float)):
+                raise ValueError(f"moe.{field} must be a number, got {getattr(self, field)!r}")
+        if not 0 <= self.expert_dropout < 1 or not 0 <= self.jitter_eps < 1:
+            raise ValueError(f"moe.expert_dropout and moe.jitter_eps must be in [0, 1), "
+                             f"got {self.expert_dropout}, {self.jitter_eps}")
+        experts_per_choice = self.num_experts // self.num_expert_groups
+        if self.router == "hierarchical":
+            if self.num_experts % self.num_expert_groups:
+                raise ValueError(f"moe.num_experts={self.num_experts} must be divisible by "
+                                 f"moe.num_expert_groups={self.num_expert_groups} for the hierarchical router")
+            if self.k_groups > self.num_expert_groups or self.k > experts_per_choice:
+                raise ValueError(f"hierarchical routing needs moe.k_groups <= num_expert_groups "
+                                 f"({self.num_expert_groups}) and moe.k <= experts per group ({experts_per_choice}); "
+                                 f"got k_groups={self.k_groups}, k={self.k}")
+        elif self.k > self.num_experts:
+            raise ValueError(f"moe.k={self.k} must be <= moe.num_experts={self.num_experts}")
+        if self.second_choice == "random" and (self.router != "top_k" or self.k != 2):
+            raise ValueError("moe.second_choice='random' (GShard) needs moe.router='top_k' and moe.k=2, "
+                             f"got router={self.router!r}, k={self.k}")
+        if self.router == "expert_choice" and min(self.train_capacity_factor, self.eval_capacity_factor) <= 0:
+            raise ValueError("moe.router='expert_choice' needs train and eval capacity factors > 0 "
+                             "(each expert takes capacity tokens); dropless is not defined for it")
+        if self.dispatch == "dropless" and self.router in GROUP_WIDE_ROUTERS:
+            raise ValueError(f"moe.dispatch='dropless' needs token-choice routing, not moe.router={self.router!r}")
+
+    @property
+    def choices_per_token(self) -> int:
+        """K: assignments per token."""
+        if self.router == "hierarchical":
+            return self.k_groups * self.k
+        if self.router == "dense":
+            return self.num_experts
+        return self.k
+
+    def drops_tokens(self) -> bool:
+        return self.router not in ("soft", "dense") and (
+            self.train_capacity_factor > 0 or self.eval_capacity_factor > 0)
+
+    def check_causal(self) -> None:
+        """Refuse options that let a later token change an earlier token's output."""
+        if self.router in GROUP_WIDE_ROUTERS:
+            raise ValueError(f"moe.router={self.router!r} looks at the whole group when routing, which breaks "
+                             "causality: use it in the encoder only, or choose one of "
+                             f"{tuple(r for r in ROUTERS if r not in GROUP_WIDE_ROUTERS)} in a causal layer")
+        if self.batch_prioritized:
+            raise ValueError("moe.batch_prioritized=True orders tokens by the whole group's router scores, "
+                             "which breaks causality: set it to False in a causal layer")
+        if self.order == "rank_major" and self.choices_per_token > 1 and self.drops_tokens():
+            raise ValueError("moe.order='rank_major' with more than one choice per token and dropping lets a "
+                             "later token's first choice evict an earlier token's second choice, which breaks "
+                             "causality: set moe.order='token_major', or make both capacity factors <= 0 (dropless)")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MoEConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) moe.{', moe.'.join(unknown)}; known fields: {sorted(known)}")
+        return cls(**values)

@@ -1,0 +1,97 @@
+"""The MoE layer: group tokens, route, dispatch, run the experts, combine (GShard, Lepikhin et al.
+2020; Switch, Fedus et al. 2021), plus DeepSeekMoE's always-on shared experts (Dai et al. 2024).
+
+x [B, L, D] -> y [B, L, D] and an MoEAux with the router's losses and routing statistics. A token
+dropped by every expert leaves the layer as zero; the caller's residual connection carries it.
+Train mode uses train_capacity_factor and the stochastic options (jitter, noise, random second
+choice, bias updates); `module.eval()` (deterministic=True) uses eval_capacity_factor and none.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from moe_jax import dispatch as dispatch_lib
+from moe_jax import routing
+from moe_jax.experts import FeedForward
+from moe_jax.moe_config import MoEConfig
+from moe_jax.router import Router
+
+
+@struct.dataclass
+class MoEAux:
+    balance_loss: jax.Array  # float32 []
+    z_loss: jax.Array  # float32 []
+    stats: dict  # see moe_jax.routing.stats
+
+
+def default_dispatch(cfg: MoEConfig) -> str:
+    """The strategy 'auto' stands for."""
+    return "index"
+
+
+class MoELayer(nnx.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int, *, causal: bool = False, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if causal:
+            cfg.check_causal()
+        self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
+        self.dispatch = default_dispatch(cfg) if cfg.dispatch == "auto" else cfg.dispatch
+        self.router = Router(cfg, d_model, rngs=rngs)
+        self.experts = FeedForward(d_model, cfg.d_ff, num_experts=cfg.num_experts, activation=cfg.activation,
+                                   dropout_rate=cfg.expert_dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.shared = (FeedForward(d_model, cfg.d_ff * cfg.num_shared_experts, activation=cfg.activation,
+                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                       if cfg.num_shared_experts else None)
+        self.deterministic = False
+
+    def group_shape(self, batch: int, length: int) -> tuple[int, int]:
+        """(G, S) for a [batch, length] input."""
+        S = self.cfg.group_size or length
+        if (batch * length) % S:
+            raise ValueError(f"moe.group_size={S} must divide the number of tokens per batch "
+                             f"({batch} x {length} = {batch * length})")
+        return batch * length // S, S
+
+    def capacity(self, group_size: int) -> int | None:
+        cfg = self.cfg
+        cf = cfg.eval_capacity_factor if self.deterministic else cfg.train_capacity_factor
+        if cfg.router in ("soft", "dense"):
+            return None
+        k = 1 if cfg.router == "expert_choice" else cfg.choices_per_token
+        return routing.compute_capacity(group_size, cfg.num_experts, k, cf, formula=cfg.capacity_formula,
+                                        rounding=cfg.capacity_rounding, min_capacity=cfg.min_capacity,
+                                        multiple_of=cfg.capacity_multiple_of)
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoE layer input must have shape [B, L, {self.d_model}], got {x.shape}")
+        B, L, D = x.shape
+        G, S = self.group_shape(B, L)
+        x = x.astype(self.dtype)
+        groups = x.reshape(G, S, D)  # [B, L, D] -> [G, S, D]
+        decision = self.router(groups, capacity=self.capacity(S), train=not self.deterministic)
+        if isinstance(decision, routing.SoftRouting):
+            y = self._soft(groups, decision)
+        else:
+            send, receive = dispatch_lib.get(self.dispatch)
+            inputs, ctx = send(groups, decision)
+            if self.dispatch == "dropless":
+                rows, group_sizes = inputs
+                outputs = self.experts(rows, group_sizes)  # [N, D], grouped by expert
+            else:
+                outputs = self.experts(inputs)  # [E, G*C, D]
+            y = receive(outputs, ctx)  # [G, S, D]
+        y = y.reshape(B, L, D).astype(self.dtype)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        balance = getattr(decision, "balance_loss", jnp.zeros((), jnp.float32))
+        return y, MoEAux(balance_loss=balance, z_loss=decision.z_loss, stats=routing.routing_stats(decision))
+
+    def _soft(self, groups: jax.Array, decision: routing.SoftRouting) -> jax.Array:
+        G, S, E, P = decision.dispatch.shape
+        D = groups.shape[-1]
+        slots = jnp.einsum("gsd,gsep->egpd", groups, decision.dispatch.astype(groups.dtype))  # [E, G, P, D]
+        outputs = self.experts(slots.reshape(E, G * P, D)).reshape(E, G, P, D)  # [E, G*P, D]
+        return jnp.einsum("egpd,gsep->gsd", outputs, decision.combine.astype(outputs.dtype))  # [G, S, D]

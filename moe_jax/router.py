@@ -1,0 +1,89 @@
+"""The router module: parameters that score tokens against experts, always in float32.
+
+Switch (Fedus et al. 2021, Table 2) found a bfloat16 router unstable and a float32 router inside
+a bfloat16 model stable: the kernel is float32 and the input is cast to float32, whatever the
+model's dtype. Init: truncated normal with std sqrt(scale / d_model), scale 0.1 (Switch Table 3).
+Training-only input jitter (Switch) multiplies router inputs by U[1-eps, 1+eps]. The routing
+decision itself is made by the pure functions in moe_jax.routing.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax import routing
+from moe_jax.experts import fan_in_init
+from moe_jax.moe_config import MoEConfig
+
+
+class BalanceBias(nnx.Variable):
+    """DeepSeek-V3's per-expert selection bias: not trained by gradients, nudged toward balance."""
+
+
+class Router(nnx.Module):
+    def __init__(self, cfg: MoEConfig, d_model: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E = cfg.num_experts
+        init = fan_in_init(cfg.router_init_scale)
+
+        def kernel(*out_shape, names=(None,)):
+            return nnx.Param(init(rngs.params(), (d_model, *out_shape), jnp.float32),
+                             sharding_names=("embed", *names))
+
+        if cfg.router == "soft":
+            P = cfg.soft_slots_per_expert
+            self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d_model, E * P), jnp.float32)
+                                    .reshape(d_model, E, P), sharding_names=("embed", None, None))
+            self.scale = nnx.Param(jnp.ones((), jnp.float32))  # soft MoE's learned scale of normalized logits
+        else:
+            self.kernel = kernel(E)
+        if cfg.router == "hierarchical":
+            self.group_kernel = kernel(cfg.num_expert_groups)
+        if cfg.router == "noisy_top_k":  # Shazeer et al. initialise the noise weights to zero.
+            self.noise_kernel = nnx.Param(jnp.zeros((d_model, E), jnp.float32), sharding_names=("embed", None))
+        if cfg.bias_update_rate > 0:
+            self.balance_bias = BalanceBias(jnp.zeros((E,), jnp.float32))
+        self.rngs = rngs
+
+    def __call__(self, x: jax.Array, *, capacity: int | None, train: bool):
+        """x [G, S, D] -> a routing decision (TokenChoice, ExpertChoice or SoftRouting)."""
+        cfg = self.cfg
+        x = x.astype(jnp.float32)
+        if train and cfg.jitter_eps > 0:
+            x = x * jax.random.uniform(self.rngs.router(), x.shape, jnp.float32,
+                                       1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)  # [G, S, D]
+        if cfg.router == "soft":
+            # Soft MoE's normalization (Puigcerver et al. 2023, Sec. 2.3): l2-normalized tokens and slots.
+            phi = self.kernel[...] / jnp.linalg.norm(self.kernel[...], axis=0, keepdims=True)  # [D, E, P]
+            xn = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)  # [G, S, D]
+            return routing.soft_route(self.scale[...] * jnp.einsum("gsd,dep->gsep", xn, phi))
+        logits = jnp.einsum("gsd,de->gse", x, self.kernel[...])  # [G, S, E]
+        opts = dict(order=cfg.order, batch_prioritized=cfg.batch_prioritized)
+        if cfg.router == "top_k":
+            bias = self.balance_bias[...] if cfg.bias_update_rate > 0 else None
+            decision = routing.tokens_choose(
+                logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize, second_choice=cfg.second_choice,
+                choice_bias=bias, rng=self.rngs.router() if cfg.second_choice == "random" else None, **opts)
+            if train and cfg.bias_update_rate > 0:
+                self._update_balance_bias(decision)
+            return decision
+        if cfg.router == "expert_choice":
+            return routing.experts_choose(logits, capacity=capacity)
+        if cfg.router == "dense":
+            return routing.dense_choose(logits)
+        if cfg.router == "noisy_top_k":
+            noise_logits = jnp.einsum("gsd,de->gse", x, self.noise_kernel[...])  # [G, S, E]
+            return routing.noisy_tokens_choose(logits, noise_logits, k=cfg.k, capacity=capacity,
+                                               rng=self.rngs.router() if train else None, **opts)
+        # hierarchical
+        G, S, E = logits.shape
+        outer = jnp.einsum("gsd,dh->gsh", x, self.group_kernel[...])  # [G, S, E1]
+        inner = logits.reshape(G, S, cfg.num_expert_groups, E // cfg.num_expert_groups)  # [G, S, E1, E2]
+        return routing.hierarchical_choose(outer, inner, k_outer=cfg.k_groups, k_inner=cfg.k, capacity=capacity,
+                                           renormalize=cfg.renormalize, **opts)
+
+    def _update_balance_bias(self, decision: routing.TokenChoice) -> None:
+        """b_e += rate * sign(mean load - load_e), from this batch's routed assignments (DeepSeek-V3)."""
+        load = jax.lax.stop_gradient(routing.routing_stats(decision)["routed_per_expert"])  # [E]
+        self.balance_bias[...] = self.balance_bias[...] + self.cfg.bias_update_rate * jnp.sign(jnp.mean(load) - load)

@@ -1,0 +1,28 @@
+"""moe_jax: sparse Mixture-of-Experts transformers in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+# Version ranges are the ones this code was tested with (2026-11). JAX and Flax NNX change
+# their APIs between minor releases, so their upper bounds are the next minor version.
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "tensorflow-datasets>=4.9.10,<5",
+    "ml-collections>=1.1,<2",
+    "numpy>=2.0,<3",
+]
+
+EXTRAS = {
+    "test": ["pytest>=9.0,<10", "hypothesis>=6.150,<7"],
+}
+
+setup(
+    name="moe_jax",
+    version="0.1.0",
+    description="Sparse Mixture-of-Experts transformers (Switch, GShard, Mixtral, DeepSeekMoE) in JAX/Flax",
+    packages=find_packages(include=["moe_jax", "moe_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
