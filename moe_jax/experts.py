@@ -47,7 +47,7 @@ class FeedForward(nnx.Module):
         lead_name = () if num_experts is None else ("expert",)
 
         def param(shape, names):
-            return nnx.Param(fan_in_init()(rngs.params(), lead + shape, param_dtype), sharding_names=lead_name + names)
+            return nnx.Param(fan_in_init()(rngs.params(), lead + shape, param_dtype), out_sharding=lead_name + names)
 
         n_in = 2 if is_gated(activation) else 1
         self.wi = nnx.List([param((d_model, d_ff), ("embed", "mlp")) for _ in range(n_in)])

@@ -29,19 +29,19 @@ class Router(nnx.Module):
 
         def kernel(*out_shape, names=(None,)):
             return nnx.Param(init(rngs.params(), (d_model, *out_shape), jnp.float32),
-                             sharding_names=("embed", *names))
+                             out_sharding=("embed", *names))
 
         if cfg.router == "soft":
             P = cfg.soft_slots_per_expert
             self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), (d_model, E * P), jnp.float32)
-                                    .reshape(d_model, E, P), sharding_names=("embed", None, None))
+                                    .reshape(d_model, E, P), out_sharding=("embed", None, None))
             self.scale = nnx.Param(jnp.ones((), jnp.float32))  # soft MoE's learned scale of normalized logits
         else:
             self.kernel = kernel(E)
         if cfg.router == "hierarchical":
             self.group_kernel = kernel(cfg.num_expert_groups)
         if cfg.router == "noisy_top_k":  # Shazeer et al. initialise the noise weights to zero.
-            self.noise_kernel = nnx.Param(jnp.zeros((d_model, E), jnp.float32), sharding_names=("embed", None))
+            self.noise_kernel = nnx.Param(jnp.zeros((d_model, E), jnp.float32), out_sharding=("embed", None))
         if cfg.bias_update_rate > 0:
             self.balance_bias = BalanceBias(jnp.zeros((E,), jnp.float32))
         self.rngs = rngs

@@ -1,0 +1,196 @@
+"""MoE layer behaviour beyond the reference equality: precision, modes, options, statistics."""
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moe_jax import MoEConfig, MoELayer, dispatch
+
+D = 8
+
+
+def make(**opts):
+    dtype = opts.pop("dtype", jnp.float32)
+    return MoELayer(MoEConfig(**{"num_experts": 4, "d_ff": 16, **opts}), D, dtype=dtype, rngs=nnx.Rngs(0))
+
+
+def x_batch(B=2, L=8, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (B, L, D))
+
+
+def router_dots(fn, *args):
+    """The dot_general equations whose right operand is a router kernel [D, E]."""
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    eqns = []
+
+    def walk(jp):
+        eqns.extend(eqn for eqn in jp.eqns
+                    if eqn.primitive.name == "dot_general" and tuple(eqn.invars[1].aval.shape) == (D, 4))
+        for sub in jax.extend.core.subjaxprs(jp):
+            walk(sub)
+    walk(jaxpr.jaxpr)
+    return eqns
+
+
+def test_router_runs_in_float32_inside_a_bfloat16_layer():
+    layer = make(dtype=jnp.bfloat16, k=2)
+    assert layer.router.kernel[...].dtype == jnp.float32
+    assert layer.experts.wo[...].dtype == jnp.float32  # float32 parameters, bfloat16 compute
+    x = x_batch().astype(jnp.bfloat16)
+    y, aux = layer(x)
+    assert y.dtype == jnp.bfloat16
+    dots = router_dots(lambda x: layer(x)[0], x)
+    assert dots, "no router matmul found"
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [jnp.float32, jnp.float32]
+        assert eqn.outvars[0].aval.dtype == jnp.float32
+
+
+def test_train_and_eval_capacity_factors():
+    layer = make(train_capacity_factor=1.0, eval_capacity_factor=2.0, k=1)
+    assert layer.capacity(16) == 4
+    layer.eval()
+    assert layer.capacity(16) == 8
+    layer.train()
+    assert layer.capacity(16) == 4
+
+
+def test_token_dropped_everywhere_leaves_the_layer_as_zero():
+    layer = make(k=1, train_capacity_factor=0.25)  # one slot per expert per group of 8
+    x = x_batch()
+    y, aux = layer(x)
+    decision = layer.router(x.reshape(2, 8, D), capacity=layer.capacity(8), train=True)
+    dropped = np.asarray((decision.position < 0).all(-1)).reshape(2, 8)
+    assert dropped.any()
+    np.testing.assert_array_equal(np.asarray(y)[dropped], 0.0)
+    assert (np.abs(np.asarray(y)[~dropped]).sum(-1) > 0).all()
+
+
+def test_statistics():
+    layer = make(k=2, train_capacity_factor=0.75)
+    _, aux = layer(x_batch())
+    s = {k: np.asarray(v) for k, v in aux.stats.items()}
+    decision = layer.router(x_batch().reshape(2, 8, D), capacity=layer.capacity(8), train=True)
+    kept = np.asarray(decision.position >= 0)
+    assert s["tokens_per_expert"].sum() == kept.sum()
+    assert s["routed_per_expert"].sum() == 2 * 8 * 2
+    np.testing.assert_allclose(s["dropped_fraction_per_rank"], 1 - kept.mean((0, 1)), rtol=1e-6)
+    assert s["dropped_fraction_per_rank"][0] <= s["dropped_fraction_per_rank"][1]  # first choices outrank
+    np.testing.assert_allclose(s["max_mean_load"], s["routed_per_expert"].max() / s["routed_per_expert"].mean())
+    assert 0 < s["router_entropy"] <= np.log(4) + 1e-6
+
+
+def test_jitter_noise_and_expert_dropout_only_in_training():
+    x = x_batch()
+    for opts in ({"jitter_eps": 0.5, "train_capacity_factor": 0.5}, {"router": "noisy_top_k", "k": 2},
+                 {"expert_dropout": 0.5}):
+        layer = make(**opts)
+        a, b = layer(x)[0], layer(x)[0]
+        assert not np.allclose(a, b), opts  # a fresh draw each training call
+        layer.eval()
+        np.testing.assert_array_equal(layer(x)[0], layer(x)[0])
+
+
+def test_auxiliary_loss_free_bias_moves_toward_balance():
+    layer = make(k=1, bias_update_rate=0.01, train_capacity_factor=0.0)
+    # Inputs that all prefer one expert.
+    x = jnp.ones((2, 8, D))
+    _, aux = layer(x)
+    load = np.asarray(aux.stats["routed_per_expert"])
+    bias = np.asarray(layer.router.balance_bias[...])
+    np.testing.assert_allclose(bias, 0.01 * np.sign(load.mean() - load))
+    assert bias[load.argmax()] < 0 < bias[load.argmin()]
+    layer.eval()
+    layer(x)
+    np.testing.assert_array_equal(layer.router.balance_bias[...], bias)  # frozen in eval
+    grads = nnx.grad(lambda m: jnp.sum(m(x)[0]))(layer)
+    assert "balance_bias" not in str(jax.tree_util.tree_structure(grads))  # not a trained parameter
+
+
+def test_index_dispatch_never_builds_a_dispatch_mask():
+    """[G, S, E, C] masks are the einsum's; the index strategy's arrays stay O(tokens x K)."""
+    G, S, E, C = 2, 64, 16, 8
+    sizes = {}
+    for strategy in ("einsum", "index", "dropless"):
+        layer = MoELayer(MoEConfig(num_experts=E, d_ff=8, k=2, train_capacity_factor=1.0, dispatch=strategy), 8,
+                         rngs=nnx.Rngs(0))
+        assert layer.capacity(S) == C
+        x = jax.random.normal(jax.random.PRNGKey(0), (G, S, 8))
+        graphdef, state = nnx.split(layer)
+        jaxpr = jax.make_jaxpr(jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0]), argnums=1))(state, x)
+        sizes[strategy] = max(int(np.prod(v.aval.shape)) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars)
+    assert sizes["einsum"] >= G * S * E * C
+    assert sizes["index"] < G * S * E * C // 4 and sizes["dropless"] < G * S * E * C // 4
+
+
+BAD_CONFIGS = [
+    (dict(k=5), "moe.k"),
+    (dict(router="switch"), "moe.router must be one of"),
+    (dict(dispatch="scatter"), "moe.dispatch must be one of"),
+    (dict(order="random"), "moe.order must be one of"),
+    (dict(capacity_formula="gshard"), "moe.capacity_formula"),
+    (dict(num_experts=0), "moe.num_experts"),
+    (dict(k=1.5), "moe.k must be an int"),
+    (dict(expert_dropout=1.0), "moe.expert_dropout"),
+    (dict(second_choice="random", k=1), "moe.second_choice"),
+    (dict(router="hierarchical", num_expert_groups=3), "moe.num_expert_groups"),
+    (dict(router="expert_choice", train_capacity_factor=0.0), "expert_choice"),
+    (dict(router="soft", dispatch="dropless"), "moe.dispatch='dropless'"),
+    (dict(activation="tanh"), "activation must be one of"),
+]
+
+
+@pytest.mark.parametrize("opts,message", BAD_CONFIGS)
+def test_bad_config_is_refused_with_the_field_name(opts, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        MoEConfig(**{"num_experts": 4, **opts})
+
+
+def test_unknown_field_is_refused():
+    with pytest.raises(ValueError, match="unknown field.*moe.num_expert"):
+        MoEConfig.from_dict({"num_expert": 8})
+
+
+@pytest.mark.parametrize("opts,message", [
+    (dict(router="expert_choice"), "moe.router='expert_choice'"),
+    (dict(router="soft"), "moe.router='soft'"),
+    (dict(batch_prioritized=True), "moe.batch_prioritized"),
+    (dict(k=2), "moe.order='rank_major'"),
+])
+def test_group_wide_routing_is_refused_in_a_causal_layer(opts, message):
+    with pytest.raises(ValueError, match=message):
+        MoELayer(MoEConfig(num_experts=4, **opts), D, causal=True, rngs=nnx.Rngs(0))
+
+
+def test_causal_layer_accepts_causal_options():
+    for opts in (dict(k=2, order="token_major"), dict(k=2, train_capacity_factor=0, eval_capacity_factor=0),
+                 dict(k=1), dict(router="dense")):
+        MoELayer(MoEConfig(num_experts=4, **opts), D, causal=True, rngs=nnx.Rngs(0))
+
+
+def test_bad_routing_inputs():
+    from moe_jax import routing
+    logits = jnp.zeros((1, 4, 3))
+    with pytest.raises(ValueError, match="k must be an int in"):
+        routing.tokens_choose(logits, k=4, capacity=2)
+    with pytest.raises(ValueError, match="capacity must be an int >= 1"):
+        routing.tokens_choose(logits, k=1, capacity=0)
+    with pytest.raises(ValueError, match=r"shape \[G, S, E\]"):
+        routing.tokens_choose(jnp.zeros((4, 3)), k=1, capacity=2)
+    with pytest.raises(ValueError, match="floating-point"):
+        routing.tokens_choose(jnp.zeros((1, 4, 3), jnp.int32), k=1, capacity=2)
+    with pytest.raises(ValueError, match="expert-choice capacity"):
+        routing.experts_choose(logits, capacity=5)
+    with pytest.raises(ValueError, match="capacity_factor=0.01 gives capacity 0"):
+        routing.compute_capacity(16, 8, 1, 0.01, rounding="floor", min_capacity=0)
+    with pytest.raises(ValueError, match="needs k=2 and an rng"):
+        routing.tokens_choose(logits, k=2, capacity=2, second_choice="random")
+    layer = make(group_size=5)
+    with pytest.raises(ValueError, match="moe.group_size=5 must divide"):
+        layer(x_batch())
+    with pytest.raises(ValueError, match=r"input must have shape \[B, L, 8\]"):
+        layer(jnp.zeros((2, 8, 3)))
+    with pytest.raises(ValueError, match="dispatch must be one of"):
+        dispatch.get("scatter")
