@@ -64,14 +64,17 @@ class MoELayer(nnx.Module):
                                         rounding=cfg.capacity_rounding, min_capacity=cfg.min_capacity,
                                         multiple_of=cfg.capacity_multiple_of)
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, MoEAux]:
+    def __call__(self, x: jax.Array, *, dropless: bool = False) -> tuple[jax.Array, MoEAux]:
+        """x [B, L, D]. dropless=True (incremental decoding) routes each sequence as one group and
+        drops nothing, whatever the capacity factors: a decode step's groups are tiny."""
         if x.ndim != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoE layer input must have shape [B, L, {self.d_model}], got {x.shape}")
         B, L, D = x.shape
-        G, S = self.group_shape(B, L)
+        G, S = (B, L) if dropless else self.group_shape(B, L)
         x = x.astype(self.dtype)
         groups = x.reshape(G, S, D)  # [B, L, D] -> [G, S, D]
-        decision = self.router(groups, capacity=self.capacity(S), train=not self.deterministic)
+        capacity = None if dropless else self.capacity(S)
+        decision = self.router(groups, capacity=capacity, train=not self.deterministic)
         if isinstance(decision, routing.SoftRouting):
             y = self._soft(groups, decision)
         else:

@@ -44,14 +44,14 @@ class Router(nnx.Module):
             self.noise_kernel = nnx.Param(jnp.zeros((d_model, E), jnp.float32), out_sharding=("embed", None))
         if cfg.bias_update_rate > 0:
             self.balance_bias = BalanceBias(jnp.zeros((E,), jnp.float32))
-        self.rngs = rngs
+        self.rng = rngs["router"].fork()  # its own stream (falls back to 'default'), as nnx.Dropout does
 
     def __call__(self, x: jax.Array, *, capacity: int | None, train: bool):
         """x [G, S, D] -> a routing decision (TokenChoice, ExpertChoice or SoftRouting)."""
         cfg = self.cfg
         x = x.astype(jnp.float32)
         if train and cfg.jitter_eps > 0:
-            x = x * jax.random.uniform(self.rngs.router(), x.shape, jnp.float32,
+            x = x * jax.random.uniform(self.rng(), x.shape, jnp.float32,
                                        1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)  # [G, S, D]
         if cfg.router == "soft":
             # Soft MoE's normalization (Puigcerver et al. 2023, Sec. 2.3): l2-normalized tokens and slots.
@@ -64,7 +64,7 @@ class Router(nnx.Module):
             bias = self.balance_bias[...] if cfg.bias_update_rate > 0 else None
             decision = routing.tokens_choose(
                 logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize, second_choice=cfg.second_choice,
-                choice_bias=bias, rng=self.rngs.router() if cfg.second_choice == "random" else None, **opts)
+                choice_bias=bias, rng=self.rng() if cfg.second_choice == "random" else None, **opts)
             if train and cfg.bias_update_rate > 0:
                 self._update_balance_bias(decision)
             return decision
@@ -75,7 +75,7 @@ class Router(nnx.Module):
         if cfg.router == "noisy_top_k":
             noise_logits = jnp.einsum("gsd,de->gse", x, self.noise_kernel[...])  # [G, S, E]
             return routing.noisy_tokens_choose(logits, noise_logits, k=cfg.k, capacity=capacity,
-                                               rng=self.rngs.router() if train else None, **opts)
+                                               rng=self.rng() if train else None, **opts)
         # hierarchical
         G, S, E = logits.shape
         outer = jnp.einsum("gsd,dh->gsh", x, self.group_kernel[...])  # [G, S, E1]

@@ -1,0 +1,80 @@
+"""Multi-head attention with grouped-query heads (GQA, Ainslie et al. 2023), an additive position
+bias or rotary embeddings, boolean masks, and a key/value cache for incremental decoding.
+
+Softmax in float32 whatever the activation dtype. Logits are scaled by 1/sqrt(head_dim) (Vaswani
+et al. 2017); T5 folds that factor into its query initialisation instead, which changes neither
+the function class nor the parameter count.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moe_jax.models.config import ModelConfig
+from moe_jax.models.position import apply_rope
+
+NEG_INF = -1e30
+
+
+def make_mask(q_segment: jax.Array, k_segment: jax.Array, *, causal: bool, q_pos: jax.Array | None = None,
+              k_pos: jax.Array | None = None) -> jax.Array:
+    """Who may attend to whom: bool [B, 1, Lq, Lk].
+
+    q_segment [B, Lq], k_segment [B, Lk]: segment ids of packed sequences, 0 for padding; a query
+    sees keys of its own segment. causal: also only keys at positions <= the query's.
+    """
+    mask = (q_segment[:, :, None] == k_segment[:, None, :]) & (k_segment[:, None, :] != 0)  # [B, Lq, Lk]
+    if causal:
+        mask &= k_pos[:, None, :] <= q_pos[:, :, None]
+    return mask[:, None]
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, H, KVH, Dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+        self.num_heads, self.kv_heads, self.head_dim = H, KVH, Dh
+        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.dtype = cfg.activation_dtype
+        proj_in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
+        proj_out = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        self.query = nnx.Param(proj_in(rngs.params(), (D, H, Dh)), out_sharding=("embed", "heads", "kv"))
+        self.key = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))
+        self.value = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))
+        self.out = nnx.Param(proj_out(rngs.params(), (H, Dh, D)), out_sharding=("heads", "kv", "embed"))
+
+    def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array,
+                 bias: jax.Array | None = None, q_pos: jax.Array | None = None, k_pos: jax.Array | None = None,
+                 cache: dict | None = None, cache_index: jax.Array | None = None):
+        """x [B, Lq, D]; context [B, Lk, D] for cross-attention (None: self-attention).
+
+        mask bool [B, 1, Lq, Lk]; bias float [B, H, Lq, Lk]; q_pos [B, Lq], k_pos [B, Lk] for RoPE.
+        cache {'k', 'v': [B, M, KVH, Dh]}: this call's keys and values are written at cache_index
+        and the queries attend over all M cached positions (mask is then [B, 1, Lq, M]).
+        Returns (y [B, Lq, D], the updated cache or None).
+        """
+        dt = self.dtype
+        x = x.astype(dt)
+        source = x if context is None else context.astype(dt)
+        q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))  # [B, Lq, H, Dh]
+        k = jnp.einsum("bmd,dhk->bmhk", source, self.key[...].astype(dt))  # [B, Lk, KVH, Dh]
+        v = jnp.einsum("bmd,dhk->bmhk", source, self.value[...].astype(dt))  # [B, Lk, KVH, Dh]
+        if self.rope_theta is not None and context is None:
+            q = apply_rope(q, q_pos, self.rope_theta)
+            k = apply_rope(k, q_pos, self.rope_theta)  # self-attention: keys sit at the queries' positions
+        if cache is not None:
+            # [B, M, KVH, Dh] <- [B, Lq, KVH, Dh] at positions cache_index ... cache_index + Lq - 1
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            cache = {"k": k, "v": v}
+        B, Lq = q.shape[:2]
+        group = self.num_heads // self.kv_heads
+        q = q.reshape(B, Lq, self.kv_heads, group, self.head_dim)  # [B, Lq, KVH, G, Dh]
+        logits = jnp.einsum("blhgk,bmhk->bhglm", q, k.astype(dt)).astype(jnp.float32)  # [B, KVH, G, Lq, Lk]
+        logits = logits / jnp.sqrt(jnp.float32(self.head_dim))
+        if bias is not None:
+            logits = logits + bias.reshape(B, self.kv_heads, group, Lq, -1).astype(jnp.float32)
+        logits = jnp.where(mask[:, :, None], logits, NEG_INF)  # [B, 1, 1, Lq, Lk] broadcast
+        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        y = jnp.einsum("bhglm,bmhk->blhgk", probs, v.astype(dt)).reshape(B, Lq, self.num_heads, self.head_dim)
+        return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)), cache  # [B, Lq, D]

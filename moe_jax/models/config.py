@@ -1,0 +1,121 @@
+"""Options of a transformer, validated before anything is built.
+
+Two kinds: 'encoder_decoder' (T5.1.1 / Switch / ST-MoE, Raffel et al. 2020, Fedus et al. 2021,
+Zoph et al. 2022) and 'decoder' (decoder-only LM; Mixtral, Jiang et al. 2024; DeepSeekMoE,
+Dai et al. 2024). Layers come in scanned units of `*_moe_every` layers whose last FFN is the MoE
+layer (Switch: every 2nd, ST-MoE: every 4th, Switch-C: every layer; 0 = a dense model).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from moe_jax.experts import ACTIVATIONS
+from moe_jax.moe_config import MoEConfig
+
+KINDS = ("encoder_decoder", "decoder")
+POSITIONS = ("relative", "rope")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "encoder_decoder"
+    vocab_size: int = 32128
+    d_model: int = 768
+    num_heads: int = 12
+    num_kv_heads: int = 0  # 0: as many as num_heads; fewer: grouped-query attention
+    head_dim: int = 64  # 0: d_model // num_heads
+    d_ff: int = 2048  # dense FFN width
+    activation: str = "geglu"  # T5.1.1: gated GELU; T5 / Switch: relu; Mixtral: swiglu
+    num_encoder_layers: int = 12  # ignored by decoder-only models
+    num_decoder_layers: int = 12
+    encoder_moe_every: int = 2
+    decoder_moe_every: int = 2
+    moe_extra_dense_ffn: bool = False  # ST-MoE: a dense FFN right after each sparse one
+    position: str = "relative"  # T5 relative position bias, or rotary embeddings
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False  # T5: tied (logits scaled by d_model^-0.5); T5.1.1: untied
+    dropout_rate: float = 0.0
+    norm_eps: float = 1e-6
+    dtype: str = "float32"  # activations; parameters stay float32
+    scan_layers: bool = True
+    remat: bool = False  # recompute each unit's activations in the backward pass
+    moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        def fail(field, message):
+            raise ValueError(f"model.{field} {message}")
+
+        if self.kind not in KINDS:
+            fail("kind", f"must be one of {KINDS}, got {self.kind!r}")
+        if self.position not in POSITIONS:
+            fail("position", f"must be one of {POSITIONS}, got {self.position!r}")
+        if self.activation not in ACTIVATIONS:
+            fail("activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.dtype not in DTYPES:
+            fail("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        for field in ("vocab_size", "d_model", "num_heads", "d_ff", "num_decoder_layers", "relative_buckets",
+                      "relative_max_distance"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                fail(field, f"must be an int >= 1, got {value!r}")
+        for field in ("num_kv_heads", "head_dim", "num_encoder_layers", "encoder_moe_every", "decoder_moe_every"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                fail(field, f"must be an int >= 0, got {value!r}")
+        if not 0 <= self.dropout_rate < 1:
+            fail("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+        if self.head_dim == 0 and self.d_model % self.num_heads:
+            fail("num_heads", f"={self.num_heads} must divide model.d_model={self.d_model} when model.head_dim=0 "
+                 "(or set model.head_dim)")
+        if self.kv_heads > self.num_heads or self.num_heads % self.kv_heads:
+            fail("num_kv_heads", f"={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+        if self.position == "rope" and self.head_size % 2:
+            fail("head_dim", f"must be even for rotary embeddings, got {self.head_size}")
+        if self.kind == "encoder_decoder" and self.num_encoder_layers < 1:
+            fail("num_encoder_layers", "must be >= 1 for an encoder-decoder model")
+        stacks = [("decoder", self.num_decoder_layers, self.decoder_moe_every)]
+        if self.kind == "encoder_decoder":
+            stacks.append(("encoder", self.num_encoder_layers, self.encoder_moe_every))
+        for name, depth, every in stacks:
+            if every and depth % every:
+                fail(f"{name}_moe_every", f"={every} must divide model.num_{name}_layers={depth}: layers are scanned "
+                     f"in units of {every} whose last FFN is sparse")
+        if self.decoder_moe_every:
+            # Decoders are causal: refuse routing that lets a later token change an earlier output.
+            try:
+                self.moe.check_causal()
+            except ValueError as e:
+                raise ValueError(f"{e} (the decoder stack is causal; in an encoder-decoder model, "
+                                 "model.decoder_moe_every=0 keeps such a router in the encoder only)") from None
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    @property
+    def activation_dtype(self):
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+        values = dict(values)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown field(s) model.{', model.'.join(unknown)}; known fields: {sorted(known)}")
+        if isinstance(values.get("moe"), dict):
+            values["moe"] = MoEConfig.from_dict(values["moe"])
+        return cls(**values)
