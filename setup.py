@@ -10,6 +10,12 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.12.8,<0.13",
     "tensorflow-datasets>=4.9.10,<5",
     "ml-collections>=1.1,<2",
+    "grain>=0.2.18,<0.3",
+    "array-record>=0.8.6,<0.9",
+    "sentencepiece>=0.2.1,<0.3",
+    "tensorboardX>=2.6,<3",
+    "rich>=13,<16",
+    "absl-py>=2.1,<3",
     "numpy>=2.0,<3",
 ]
 
