@@ -49,7 +49,7 @@ class ModelConfig:
 
     def __post_init__(self):
         def fail(field, message):
-            raise ValueError(f"model.{field} {message}")
+            raise ValueError(f"model.{field}{'' if message.startswith('=') else ' '}{message}")
 
         if self.kind not in KINDS:
             fail("kind", f"must be one of {KINDS}, got {self.kind!r}")

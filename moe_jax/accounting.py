@@ -1,0 +1,489 @@
+"""Parameter, FLOP and memory accounting for any model config, by formula (instant at any size).
+
+Conventions, and where they come from:
+- Parameters are the model's `nnx.Param`s (DeepSeek-V3's balance bias is a variable that gradients
+  do not train and is not counted). `check_against_model` builds the model abstractly
+  (`nnx.eval_shape`, no memory) and proves the formula right, array by array.
+- Active parameters per token: the parameters' worth of matmul work one token gets, on average.
+  Everything outside the routed experts is active (embeddings and logits included, as in Mixtral's
+  "12.9B active"; an encoder-decoder counts both stacks). Of the routed experts of each MoE layer a
+  token gets: top-k and noisy top-k: k of E; hierarchical: k_groups x k; expert choice (Zhou et al.
+  2022): c = moe.train_capacity_factor on average (each expert takes c*S/E of a group's S tokens;
+  rounding ignored); dense mixture (Jacobs et al. 1991): all E; soft MoE (Puigcerver et al. 2023):
+  E*P/S (at most E), as the experts process E*P slots per group of S tokens, though every slot
+  mixes every token, so every expert's parameters touch every token. Shared experts (DeepSeekMoE)
+  are always active. This is the Switch paper's FLOP matching (Fedus et al. 2021, Sec. 2): a top-1
+  model whose experts are as wide as the dense FFN costs the dense model's FLOPs plus the router's.
+- Forward FLOPs per token: 2 x the parameters of each matmul the token passes through (a multiply
+  and an add; Kaplan et al. 2020, Sec. 2.1): attention projections, FFNs, active experts, router
+  kernels (D x E, plus the hierarchical router's group kernel and the noisy router's noise kernel)
+  and the logits; plus attention scores and values, 4 x H x Dh x (keys attended) per layer over the
+  full key length (as PaLM, Chowdhery et al. 2022, App. B, counts, and as the masked attention here
+  computes); plus soft MoE's dispatch and combine mixing, 2 x D x E x P each (under 'router'). In an
+  encoder-decoder the cross-attention keys and values are projected once per input token.
+  Not counted: the embedding lookup, norms, activations, softmaxes, position biases and RoPE,
+  residual adds, top-k and slot assignment, dispatch overhead (the one-hot einsums of the 'einsum'
+  strategy, gathers and scatters), the capacity padding that makes expert buffers cf x k tokens
+  wide, and the losses. These are model FLOPs: rematerialisation adds none.
+- Training FLOPs = 3 x forward: the backward pass costs about twice the forward (gradients for
+  activations and for weights), Kaplan et al. 2020's C = 6N per token.
+- Memory: parameters in float32; Adafactor (Shazeer & Stern 2018) state as `optax.adafactor` keeps
+  it with its defaults: second moments factored into row and column statistics over an array's two
+  largest axes when the second largest has >= 128 entries (min_dim_size_to_factor), the full second
+  moment otherwise, 1-element placeholders for the unused ones, no momentum; AdamW: two float32
+  moments. Scalar step counters are left out.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import sys
+from collections.abc import Sequence
+
+import ml_collections
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+from rich.console import Console
+from rich.table import Table
+
+from moe_jax import configuration
+from moe_jax.experts import is_gated
+from moe_jax.models.config import ModelConfig
+from moe_jax.models.transformer import build_model
+
+PARAM_CATEGORIES = ("embeddings/logits", "attention", "dense FFN", "experts", "shared experts", "router", "norms",
+                    "position biases")
+FLOP_CATEGORIES = ("attention projections", "attention scores", "dense FFN", "experts", "shared experts", "router",
+                   "logits")
+ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR = 128  # optax.adafactor's default
+BYTES_PER_FLOAT32 = 4
+
+
+class AccountingError(ValueError):
+    """A config the accounting cannot handle, or a formula that disagrees with the built model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroup:
+    """`copies` arrays of `shape` (as stored: scanned stacks carry a leading [units] axis)."""
+    category: str
+    name: str
+    shape: tuple[int, ...]
+    copies: int = 1
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape) * self.copies
+
+
+def _ffn_shapes(activation: str, d_model: int, d_ff: int, lead: tuple[int, ...] = ()) -> list[tuple[str, tuple]]:
+    """FeedForward's arrays: wi (two when gated) [..., D, F] and wo [..., F, D]."""
+    wi = [(f"wi/{i}", (*lead, d_model, d_ff)) for i in range(2 if is_gated(activation) else 1)]
+    return [*wi, ("wo", (*lead, d_ff, d_model))]
+
+
+def _ffn_params(activation: str, d_model: int, d_ff: int) -> int:
+    return sum(math.prod(shape) for _, shape in _ffn_shapes(activation, d_model, d_ff))
+
+
+def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: int, *, cross: bool,
+                  sparse: bool) -> list[ParamGroup]:
+    D, H, KVH, Dh, moe = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.moe
+    groups = []
+
+    def add(category, name, shape):
+        groups.append(ParamGroup(category, f"{prefix}/{name}", (*lead, *shape), copies))
+
+    attentions = ("attn", "cross") if cross else ("attn",)
+    for attn in attentions:
+        add("norms", f"{attn}_norm/scale", (D,))
+        for name, shape in (("query", (D, H, Dh)), ("key", (D, KVH, Dh)), ("value", (D, KVH, Dh)),
+                            ("out", (H, Dh, D))):
+            add("attention", f"{attn}/{name}", shape)
+    add("norms", "ffn_norm/scale", (D,))
+    if not sparse:
+        for name, shape in _ffn_shapes(cfg.activation, D, cfg.d_ff):
+            add("dense FFN", f"ffn/{name}", shape)
+        return groups
+    E = moe.num_experts
+    if moe.router == "soft":
+        add("router", "ffn/router/kernel", (D, E, moe.soft_slots_per_expert))
+        add("router", "ffn/router/scale", ())
+    else:
+        add("router", "ffn/router/kernel", (D, E))
+    if moe.router == "hierarchical":
+        add("router", "ffn/router/group_kernel", (D, moe.num_expert_groups))
+    if moe.router == "noisy_top_k":
+        add("router", "ffn/router/noise_kernel", (D, E))
+    for name, shape in _ffn_shapes(moe.activation, D, moe.d_ff, (E,)):
+        add("experts", f"ffn/experts/{name}", shape)
+    if moe.num_shared_experts:
+        for name, shape in _ffn_shapes(moe.activation, D, moe.d_ff * moe.num_shared_experts):
+            add("shared experts", f"ffn/shared/{name}", shape)
+    if cfg.moe_extra_dense_ffn:
+        add("norms", "extra_norm/scale", (D,))
+        for name, shape in _ffn_shapes(cfg.activation, D, cfg.d_ff):
+            add("dense FFN", f"extra_ffn/{name}", shape)
+    return groups
+
+
+def _stacks(cfg: ModelConfig) -> list[tuple[str, int, int]]:
+    """(name, depth, moe_every) of each stack the model has."""
+    stacks = [("decoder", cfg.num_decoder_layers, cfg.decoder_moe_every)]
+    if cfg.kind == "encoder_decoder":
+        stacks.insert(0, ("encoder", cfg.num_encoder_layers, cfg.encoder_moe_every))
+    return stacks
+
+
+def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
+    """Every parameter array of `build_model(cfg)`, by formula, with the shape it is stored in."""
+    D, V = cfg.d_model, cfg.vocab_size
+    groups = [ParamGroup("embeddings/logits", "embed/table", (V, D))]
+    if not cfg.tie_embeddings:
+        groups.append(ParamGroup("embeddings/logits", "embed/logits_kernel", (D, V)))
+    if cfg.position == "relative":
+        biases = ("encoder_bias", "decoder_bias") if cfg.kind == "encoder_decoder" else ("position_bias",)
+        groups += [ParamGroup("position biases", f"{b}/embedding", (cfg.relative_buckets, cfg.num_heads))
+                   for b in biases]
+    for stack, depth, every in _stacks(cfg):
+        units = depth // max(every, 1)
+        # Scanned stacks hold each of a unit's layers once, with a leading [units] axis.
+        lead, copies = ((units,), 1) if cfg.scan_layers else ((), units)
+        period = max(every, 1)
+        for i in range(period):
+            groups += _layer_groups(cfg, f"{stack}/layers/{i}", lead, copies,
+                                    cross=stack == "decoder" and cfg.kind == "encoder_decoder",
+                                    sparse=every > 0 and i == period - 1)
+        groups.append(ParamGroup("norms", f"{stack}/final_norm/scale", (D,)))
+    return groups
+
+
+def experts_per_token(cfg: ModelConfig, group_tokens: int) -> float:
+    """Routed experts' worth of work one token gets per MoE layer, on average (see the module doc).
+
+    group_tokens: S, the tokens per routing group (moe.group_size, or the sequence length).
+    """
+    moe = cfg.moe
+    if moe.router == "expert_choice":
+        return float(moe.train_capacity_factor)
+    if moe.router == "soft":
+        return moe.num_experts * moe.soft_slots_per_expert / group_tokens
+    return float(moe.choices_per_token)  # k; k_groups * k (hierarchical); E (dense)
+
+
+def span_corruption_targets_length(inputs_length: int, noise_density: float, mean_noise_span_length: float) -> int:
+    """Targets length of T5 span corruption for a given inputs length (T5's `random_spans_helper`):
+    the longest raw span whose corrupted inputs fit, then its targets (noise + sentinels + EOS)."""
+    def lengths(tokens):
+        noise = int(round(tokens * noise_density))
+        spans = int(round(noise / mean_noise_span_length))
+        return tokens - noise + spans + 1, noise + spans + 1  # (inputs, targets)
+
+    tokens = inputs_length - 1
+    while lengths(tokens + 1)[0] <= inputs_length:
+        tokens += 1
+    return lengths(tokens)[1]
+
+
+def sequence_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(inputs length, targets length) of one example: (0, seq_len) for a decoder-only model;
+    (seq_len, target_seq_len) for an encoder-decoder, target_seq_len=0 meaning span corruption's."""
+    if config.model.kind == "decoder":
+        return 0, config.seq_len
+    if config.target_seq_len:
+        return config.seq_len, config.target_seq_len
+    if config.data.objective != "span_corruption":
+        raise AccountingError(f"config.target_seq_len=0 is only derived for data.objective='span_corruption', got "
+                              f"{config.data.objective!r}: set config.target_seq_len")
+    return config.seq_len, span_corruption_targets_length(config.seq_len, config.data.noise_density,
+                                                          config.data.mean_noise_span_length)
+
+
+def adafactor_state_size(shape: Sequence[int], min_dim_size_to_factor: int = ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR) -> int:
+    """Float32 entries optax.adafactor keeps for one parameter array (momentum off, its default)."""
+    size = math.prod(shape)
+    if len(shape) >= 2:
+        second, first = sorted(shape)[-2:]
+        if second >= min_dim_size_to_factor:
+            return size // first + size // second + 1  # row and column statistics; v is a placeholder
+    return size + 2  # the full second moment; row and column statistics are placeholders
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+    """Counts for one model at given sequence lengths. FLOP dicts are forward-pass FLOPs per token,
+    by FLOP_CATEGORIES; for a decoder-only model the 'input' ones are empty and inputs_length 0."""
+    inputs_length: int
+    targets_length: int
+    params: dict[str, int]
+    active_params: dict[str, float]
+    forward_flops_per_input_token: dict[str, float]
+    forward_flops_per_target_token: dict[str, float]
+    adafactor_state_bytes: int
+    adamw_state_bytes: int
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params.values())
+
+    @property
+    def total_active_params(self) -> float:
+        return sum(self.active_params.values())
+
+    @property
+    def param_bytes(self) -> int:
+        return BYTES_PER_FLOAT32 * self.total_params
+
+    @property
+    def tokens_per_example(self) -> int:
+        return self.inputs_length + self.targets_length
+
+    def forward_flops_per_example(self, category: str | None = None) -> float:
+        """All categories, or one."""
+        def pick(flops):
+            return sum(flops.values()) if category is None else flops.get(category, 0.0)
+        return (self.inputs_length * pick(self.forward_flops_per_input_token)
+                + self.targets_length * pick(self.forward_flops_per_target_token))
+
+    @property
+    def forward_flops_per_token(self) -> float:
+        """Averaged over every token of an example (inputs and targets)."""
+        return self.forward_flops_per_example() / self.tokens_per_example
+
+    @property
+    def training_flops_per_token(self) -> float:
+        return 3 * self.forward_flops_per_token
+
+    @property
+    def training_flops_per_example(self) -> float:
+        return 3 * self.forward_flops_per_example()
+
+
+def _stack_flops(cfg: ModelConfig, depth: int, every: int, *, keys: int, cross_keys: int,
+                 group_tokens: int) -> dict[str, float]:
+    """Forward FLOPs per token of one stack's layers; cross_keys > 0 adds the queries' side of cross-attention."""
+    D, H, KVH, Dh, moe = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.moe
+    moe_layers = depth // every if every else 0
+    dense_layers = depth - moe_layers + (moe_layers if cfg.moe_extra_dense_ffn else 0)
+    qo, kv = 2 * D * H * Dh, 2 * D * KVH * Dh  # parameters of the query + output, key + value projections
+    flops = collections.Counter()
+    flops["attention projections"] = depth * 2 * (qo + kv + (qo if cross_keys else 0))
+    flops["attention scores"] = depth * 4 * H * Dh * (keys + cross_keys)
+    flops["dense FFN"] = dense_layers * 2 * _ffn_params(cfg.activation, D, cfg.d_ff)
+    if moe_layers:
+        E = moe.num_experts
+        if moe.router == "soft":
+            # Slot logits D x (E*P), then mixing tokens into slots and slots back into tokens.
+            router = 3 * 2 * D * E * moe.soft_slots_per_expert
+        else:
+            kernels = E + (moe.num_expert_groups if moe.router == "hierarchical" else 0) + (
+                E if moe.router == "noisy_top_k" else 0)
+            router = 2 * D * kernels
+        flops["router"] = moe_layers * router
+        expert = _ffn_params(moe.activation, D, moe.d_ff)
+        flops["experts"] = moe_layers * 2 * experts_per_token(cfg, group_tokens) * expert
+        flops["shared experts"] = moe_layers * 2 * _ffn_params(moe.activation, D, moe.d_ff * moe.num_shared_experts)
+    return {k: float(v) for k, v in flops.items() if v}
+
+
+def account(cfg: ModelConfig, inputs_length: int, targets_length: int) -> Accounting:
+    """Parameters, active parameters, forward FLOPs per token and optimizer memory of `cfg`.
+
+    inputs_length: encoder tokens per example (0 for a decoder-only model); targets_length:
+    decoder tokens per example. Both enter only the attention FLOPs and soft MoE's group size.
+    """
+    encdec = cfg.kind == "encoder_decoder"
+    if targets_length < 1 or (inputs_length < 1 if encdec else inputs_length != 0):
+        raise AccountingError(f"{cfg.kind} model needs targets_length >= 1 and inputs_length "
+                              f"{'>= 1' if encdec else '= 0'}, got {inputs_length}, {targets_length}")
+    groups = parameter_groups(cfg)
+    params = {c: sum(g.size for g in groups if g.category == c) for c in PARAM_CATEGORIES}
+    E, expert = cfg.moe.num_experts, _ffn_params(cfg.moe.activation, cfg.d_model, cfg.moe.d_ff)
+    active = {c: float(n) for c, n in params.items()}
+    active["experts"] = 0.0
+    lengths = {"encoder": inputs_length, "decoder": targets_length}
+    for stack, depth, every in _stacks(cfg):
+        if every:
+            per_token = min(experts_per_token(cfg, cfg.moe.group_size or lengths[stack]), E)
+            active["experts"] += depth // every * per_token * expert
+    D, V, KVH, Dh = cfg.d_model, cfg.vocab_size, cfg.kv_heads, cfg.head_size
+    per_target = collections.Counter({"logits": 2 * D * V})
+    per_input = collections.Counter()
+    if encdec:
+        per_input.update(_stack_flops(cfg, cfg.num_encoder_layers, cfg.encoder_moe_every, keys=inputs_length,
+                                      cross_keys=0, group_tokens=cfg.moe.group_size or inputs_length))
+        # Each decoder layer projects the encoder's output into cross-attention keys and values.
+        per_input["attention projections"] += cfg.num_decoder_layers * 2 * (2 * D * KVH * Dh)
+    per_target.update(_stack_flops(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every, keys=targets_length,
+                                   cross_keys=inputs_length, group_tokens=cfg.moe.group_size or targets_length))
+    return Accounting(
+        inputs_length=inputs_length, targets_length=targets_length, params=params, active_params=active,
+        forward_flops_per_input_token={c: float(per_input[c]) for c in FLOP_CATEGORIES if per_input[c]},
+        forward_flops_per_target_token={c: float(per_target[c]) for c in FLOP_CATEGORIES if per_target[c]},
+        adafactor_state_bytes=BYTES_PER_FLOAT32 * sum(adafactor_state_size(g.shape) * g.copies for g in groups),
+        adamw_state_bytes=2 * BYTES_PER_FLOAT32 * sum(g.size for g in groups))
+
+
+def account_config(config: ml_collections.ConfigDict) -> Accounting:
+    """`account` for an experiment config, at its own sequence lengths."""
+    return account(configuration.model_config(config), *sequence_lengths(config))
+
+
+def _model_category(path: tuple) -> str:
+    keys = [k for k in path if isinstance(k, str)]
+    if keys[0] == "embed":
+        return "embeddings/logits"
+    if keys[0] in ("encoder_bias", "decoder_bias", "position_bias"):
+        return "position biases"
+    for key, category in (("router", "router"), ("experts", "experts"), ("shared", "shared experts")):
+        if key in keys:
+            return category
+    if keys[-1] == "scale" and keys[-2].endswith("norm"):
+        return "norms"
+    if keys[-2] in ("attn", "cross"):
+        return "attention"
+    if "ffn" in keys or "extra_ffn" in keys:
+        return "dense FFN"
+    raise AccountingError(f"parameter {'/'.join(map(str, path))} fits no category of moe_jax.accounting: "
+                          "teach parameter_groups and _model_category about it")
+
+
+def model_parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """(category, shape) of every nnx.Param of `build_model(cfg)`, built abstractly (no memory)."""
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    return [(_model_category(path), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+
+
+def check_against_model(cfg: ModelConfig) -> int:
+    """Prove `parameter_groups(cfg)` matches the built model array by array; returns the total.
+
+    Raises AccountingError naming the categories and shapes that differ.
+    """
+    formula = collections.Counter((g.category, g.shape) for g in parameter_groups(cfg) for _ in range(g.copies))
+    model = collections.Counter(model_parameter_shapes(cfg))
+    if formula != model:
+        def totals(counter):
+            out = collections.Counter()
+            for (category, shape), n in counter.items():
+                out[category] += n * math.prod(shape)
+            return dict(out)
+        raise AccountingError(
+            f"parameter formula disagrees with build_model: formula by category {totals(formula)}, model "
+            f"{totals(model)}; arrays only in the formula {dict(formula - model)}, only in the model "
+            f"{dict(model - formula)}")
+    return sum(n * math.prod(shape) for (_, shape), n in model.items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: python -m moe_jax.accounting --config=configs/<x>.py[:tiny] [--config.moe.num_experts=16]
+
+def human_count(n: float) -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {suffix}"
+    return f"{n:.0f}"
+
+
+def human_flops(f: float) -> str:
+    for scale, suffix in ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "KFLOPs")):
+        if abs(f) >= scale:
+            return f"{f / scale:.2f} {suffix}"
+    return f"{f:.0f} FLOPs"
+
+
+def human_bytes(b: float) -> str:
+    for scale, suffix in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
+        if abs(b) >= scale:
+            return f"{b / scale:.2f} {suffix}"
+    return f"{b:.0f} B"
+
+
+def _tables(config: ml_collections.ConfigDict, acc: Accounting, cfg: ModelConfig) -> list[Table]:
+    params = Table(title="Parameters")
+    for column in ("part", "total", "share", "active per token"):
+        params.add_column(column, justify="left" if column == "part" else "right")
+    total = acc.total_params
+    for category in PARAM_CATEGORIES:
+        if acc.params[category]:
+            params.add_row(category, human_count(acc.params[category]), f"{acc.params[category] / total:.1%}",
+                           human_count(acc.active_params[category]))
+    params.add_row("total", f"{human_count(total)} ({total:,})", "100%", human_count(acc.total_active_params),
+                   style="bold")
+
+    encdec = cfg.kind == "encoder_decoder"
+    flops = Table(title="Forward FLOPs per token and per example (training = 3 x forward)")
+    columns = ["part", *(["input token"] if encdec else []), "target token" if encdec else "token",
+               f"example ({acc.tokens_per_example} tokens)"]
+    for column in columns:
+        flops.add_column(column, justify="left" if column == "part" else "right")
+    for category in FLOP_CATEGORIES:
+        per_input = acc.forward_flops_per_input_token.get(category, 0.0)
+        per_target = acc.forward_flops_per_target_token.get(category, 0.0)
+        if per_input or per_target:
+            flops.add_row(category, *([human_flops(per_input) if per_input else "-"] if encdec else []),
+                          human_flops(per_target) if per_target else "-",
+                          human_flops(acc.forward_flops_per_example(category)))
+    per_input = sum(acc.forward_flops_per_input_token.values())
+    per_target = sum(acc.forward_flops_per_target_token.values())
+    flops.add_row("forward", *([human_flops(per_input)] if encdec else []), human_flops(per_target),
+                  human_flops(acc.forward_flops_per_example()), style="bold")
+    flops.add_row("training", *([human_flops(3 * per_input)] if encdec else []), human_flops(3 * per_target),
+                  human_flops(acc.training_flops_per_example), style="bold")
+
+    memory = Table(title="Memory (float32)")
+    memory.add_column("what")
+    memory.add_column("bytes", justify="right")
+    memory.add_row("parameters", human_bytes(acc.param_bytes))
+    for name, state in (("adafactor", acc.adafactor_state_bytes), ("adamw", acc.adamw_state_bytes)):
+        mark = " (config.optimizer)" if config.get("optimizer") == name else ""
+        memory.add_row(f"{name} state{mark}", human_bytes(state))
+        memory.add_row(f"parameters + {name} state", human_bytes(acc.param_bytes + state))
+    return [params, flops, memory]
+
+
+def report(config: ml_collections.ConfigDict, *, check: bool = False, console: Console | None = None) -> Accounting:
+    """Print the accounting of an experiment config as rich tables; check=True also proves the
+    parameter formula against the abstractly built model first."""
+    console = console or Console()
+    cfg = configuration.model_config(config)
+    if check:
+        check_against_model(cfg)
+    acc = account_config(config)
+    moe_layers = sum(depth // every for _, depth, every in _stacks(cfg) if every)
+    lengths = (f"{acc.inputs_length} input + {acc.targets_length} target tokens" if acc.inputs_length
+               else f"{acc.targets_length} tokens")
+    routing = (f"{moe_layers} MoE layers of {cfg.moe.num_experts} experts ({cfg.moe.router}, k={cfg.moe.k})"
+               if moe_layers else "dense (no MoE layers)")
+    console.print(f"{cfg.kind}, d_model {cfg.d_model}, {routing}; {lengths} per example"
+                  + ("; parameter formula checked against build_model" if check else ""))
+    for table in _tables(config, acc, cfg):
+        console.print(table)
+    console.print(f"per token, averaged over the example: forward {human_flops(acc.forward_flops_per_token)}, "
+                  f"training {human_flops(acc.training_flops_per_token)}; not counted: embedding lookup, norms, "
+                  "softmaxes, dispatch overhead, capacity padding (see moe_jax.accounting)")
+    return acc
+
+
+def main(argv: Sequence[str] | None = None) -> Accounting:
+    """`python -m moe_jax.accounting --config=configs/<x>.py[:tiny] [--config.moe.num_experts=16] [--check]`."""
+    argv = list(sys.argv if argv is None else argv)
+    configuration.make_configs_importable(argv)
+    flag_values = flags.FlagValues()  # private, so importing this module defines no global flags
+    config_flag = config_flags.DEFINE_config_file("config", None, "experiment config: configs/<x>.py[:arg]",
+                                                  flag_values=flag_values, sys_argv=argv)
+    check = flags.DEFINE_bool("check", False, "also prove the parameter formula against the abstractly built "
+                              "model (nnx.eval_shape; no memory)", flag_values=flag_values)
+    flag_values(argv)
+    if config_flag.value is None:
+        raise AccountingError("pass --config=configs/<experiment>.py[:tiny] (available: "
+                              f"{', '.join(sorted(configuration.available_configs()))})")
+    return report(config_flag.value, check=check.value)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, flags.Error) as e:  # bad flags, configs or lengths: the message says what to fix
+        sys.exit(f"error: {e}")

@@ -1,0 +1,239 @@
+"""Parameter, FLOP and memory accounting: a hand computation, the formula against the abstractly
+built model (nnx.eval_shape, no memory) and against optax's optimizer state, published model sizes,
+the FLOP conventions, and the command line."""
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from flax import nnx
+
+from moe_jax import MoEConfig, accounting, configuration
+from moe_jax.models import ModelConfig, build_model
+
+ROOT = __file__.rsplit("/tests/", 1)[0]
+
+
+def load(name: str):
+    return configuration.load(f"{ROOT}/configs/{name}")
+
+
+def small(**overrides) -> ModelConfig:
+    moe = MoEConfig(num_experts=4, k=1, d_ff=24, activation="relu")
+    base = dict(kind="encoder_decoder", vocab_size=100, d_model=16, num_heads=4, num_kv_heads=2, head_dim=8,
+                d_ff=32, activation="relu", num_encoder_layers=2, num_decoder_layers=2, encoder_moe_every=2,
+                decoder_moe_every=2, relative_buckets=8, tie_embeddings=False, moe=moe)
+    moe_overrides = overrides.pop("moe", {})
+    cfg = ModelConfig(**{**base, **overrides})
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, **moe_overrides))
+
+
+def test_hand_computed_small_config():
+    """Encoder-decoder, D=16, V=100, H=4 query / 2 key-value heads of 8, dense FFN 32, 2+2 layers with
+    the second of each stack an MoE layer of 4 ReLU experts of width 24, top-1; 12 input and 5 target tokens."""
+    acc = accounting.account(small(), inputs_length=12, targets_length=5)
+    attention_block = 16 * 4 * 8 + 16 * 2 * 8 + 16 * 2 * 8 + 4 * 8 * 16  # q, k, v, out = 1536
+    expert = 2 * 16 * 24  # wi, wo = 768
+    expected = {
+        "embeddings/logits": 100 * 16 + 16 * 100,  # untied: table and logits kernel
+        "attention": (2 + 2 * 2) * attention_block,  # encoder: self; decoder: self and cross
+        "dense FFN": 2 * (2 * 16 * 32),  # layer 0 of each stack
+        "experts": 2 * 4 * expert,
+        "shared experts": 0,
+        "router": 2 * 16 * 4,
+        "norms": (2 * 2 + 1) * 16 + (2 * 3 + 1) * 16,  # per layer (+ cross norm in the decoder), + final norm
+        "position biases": 2 * 8 * 4,  # encoder and decoder buckets x heads
+    }
+    assert acc.params == expected
+    total = 3200 + 9216 + 2048 + 6144 + 128 + 192 + 64
+    assert acc.total_params == total == 20992
+    assert acc.total_active_params == total - 6144 + 2 * 1 * expert == 16384  # one of 4 experts per MoE layer
+
+    per_input = {
+        # 2 encoder layers x 2 x (q, k, v, out) + 2 decoder layers x 2 x (cross k, v) on the encoded tokens
+        "attention projections": 2 * 2 * attention_block + 2 * 2 * (256 + 256),
+        "attention scores": 2 * 4 * (4 * 8) * 12,  # layers x 4 x H*Dh x keys
+        "dense FFN": 2 * (2 * 16 * 32),
+        "experts": 2 * expert,
+        "router": 2 * 16 * 4,
+    }
+    per_target = {
+        "attention projections": 2 * 2 * (attention_block + 512 + 512),  # self q,k,v,out + cross q,out
+        "attention scores": 2 * 4 * (4 * 8) * (5 + 12),  # self keys + cross keys
+        "dense FFN": 2 * (2 * 16 * 32),
+        "experts": 2 * expert,
+        "router": 2 * 16 * 4,
+        "logits": 2 * 16 * 100,
+    }
+    assert acc.forward_flops_per_input_token == per_input
+    assert acc.forward_flops_per_target_token == per_target
+    assert sum(per_input.values()) == 14976 and sum(per_target.values()) == 21504
+    assert acc.forward_flops_per_example() == 12 * 14976 + 5 * 21504 == 287232
+    assert acc.forward_flops_per_token == 287232 / 17
+    assert acc.training_flops_per_example == 3 * 287232
+
+    # Every array here has fewer than 128 entries on its second-largest axis: Adafactor keeps full
+    # second moments plus two 1-element placeholders per array; 50 arrays (2 embedding, 2 position
+    # bias, encoder 8 + 9 + final norm, decoder 13 + 14 + final norm).
+    assert acc.adafactor_state_bytes == 4 * (total + 2 * 50)
+    assert acc.adamw_state_bytes == 2 * 4 * total
+    assert acc.param_bytes == 4 * total
+
+
+def test_adafactor_state_size_by_hand():
+    assert accounting.adafactor_state_size((768, 3072)) == 768 + 3072 + 1  # rows, columns, placeholder v
+    assert accounting.adafactor_state_size((6, 128, 8, 512)) == 6 * 8 * 512 + 6 * 128 * 8 + 1
+    assert accounting.adafactor_state_size((12, 768, 12, 64)) == 12 * 768 * 12 * 64 + 2  # 64 < 128: full
+    assert accounting.adafactor_state_size((4096,)) == 4096 + 2
+    assert accounting.adafactor_state_size(()) == 1 + 2
+
+
+MODEL_CASES = {
+    "switch_tiny (encoder-decoder, untied, relu)": lambda: configuration.model_config(load("switch_tiny.py")),
+    "t5_base:tiny (dense, tied)": lambda: configuration.model_config(load("t5_base.py:tiny")),
+    "mixtral:tiny (decoder, GQA, swiglu, rope)": lambda: configuration.model_config(load("mixtral_8x7b.py:tiny")),
+    "deepseek_moe:tiny (shared experts)": lambda: configuration.model_config(load("deepseek_moe.py:tiny")),
+    "expert_choice (encoder only)": lambda: configuration.model_config(load("expert_choice.py")),
+    "ST-MoE extra dense FFN, geglu, unscanned": lambda: small(moe_extra_dense_ffn=True, activation="geglu",
+                                                             scan_layers=False, num_encoder_layers=4),
+    "hierarchical router": lambda: small(moe=dict(router="hierarchical", num_expert_groups=2, k=1)),
+    "noisy top-k router": lambda: small(moe=dict(router="noisy_top_k")),
+    "soft MoE (encoder only)": lambda: small(decoder_moe_every=0, moe=dict(router="soft", soft_slots_per_expert=2)),
+    "dense mixture, gelu experts": lambda: small(moe=dict(router="dense", activation="gelu")),
+    "decoder, relative bias, tied, bias balancing": lambda: small(
+        kind="decoder", tie_embeddings=True, num_decoder_layers=4, moe=dict(bias_update_rate=1e-3)),
+}
+
+
+@pytest.mark.parametrize("name", list(MODEL_CASES))
+def test_formula_equals_built_model(name):
+    cfg = MODEL_CASES[name]()
+    model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
+    counted = sum(v.size for v in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert accounting.check_against_model(cfg) == counted == accounting.account(
+        cfg, 0 if cfg.kind == "decoder" else 16, 8).total_params
+
+
+def test_full_size_formula_equals_built_model():
+    for name in ("switch_base.py", "mixtral_8x7b.py"):
+        cfg = configuration.model_config(load(name))
+        assert accounting.check_against_model(cfg) == sum(g.size for g in accounting.parameter_groups(cfg))
+
+
+def test_check_names_what_differs(monkeypatch):
+    cfg = small()
+    groups = accounting.parameter_groups(cfg)
+    monkeypatch.setattr(accounting, "parameter_groups", lambda c: [g for g in groups if g.category != "router"])
+    with pytest.raises(accounting.AccountingError, match="only in the model.*router"):
+        accounting.check_against_model(cfg)
+
+
+@pytest.mark.parametrize("name", ["switch_tiny.py", "mixtral_8x7b.py:tiny"])
+def test_optimizer_state_equals_optax(name):
+    """Float32 leaves of optax's own state (eval_shape; the int32 step counters left out)."""
+    config = load(name)
+    cfg = configuration.model_config(config)
+    params = nnx.state(nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    acc = accounting.account_config(config)
+
+    def state_bytes(optimizer):
+        leaves = jax.tree.leaves(jax.eval_shape(optimizer.init, params))
+        return sum(x.size * x.dtype.itemsize for x in leaves if x.dtype == jnp.float32)
+
+    assert acc.adafactor_state_bytes == state_bytes(optax.adafactor(1e-2))
+    assert acc.adamw_state_bytes == state_bytes(optax.adamw(1e-3))
+    assert acc.adafactor_state_bytes < acc.param_bytes / 4  # the wide matrices are factored
+
+
+def test_published_sizes():
+    """To the precision each was published with.
+
+    T5-Base: "about 220 million parameters" (Raffel et al. 2020, Sec. 3.1; T5 v1.0: ReLU FFN 3072,
+    tied embeddings). Switch paper (Fedus et al. 2021) Table 9: Switch-Base 7B and Switch-Large 26B
+    (128 experts in every other FFN; T5-Base 0.2B, T5-Large 0.7B). Switch-Large here is switch_base
+    at T5-Large's size: d_model 1024, 16 heads of 64, FFN and experts 4096 wide, 24+24 layers.
+    Mixtral 8x7B: 46.7B parameters, 12.9B active per token (Jiang et al. 2024).
+    """
+    def billions(config):
+        return accounting.account_config(config).total_params / 1e9
+
+    assert round(billions(load("t5_base.py")), 2) == 0.22
+    assert round(billions(load("switch_base.py"))) == 7
+    large = load("switch_base.py")
+    large.model.update(dict(d_model=1024, num_heads=16, head_dim=64, d_ff=4096, num_encoder_layers=24,
+                            num_decoder_layers=24))
+    large.moe.d_ff = 4096
+    assert round(billions(large)) == 26
+    mixtral = accounting.account_config(load("mixtral_8x7b.py"))
+    assert round(mixtral.total_params / 1e9, 1) == 46.7
+    assert round(mixtral.total_active_params / 1e9, 1) == 12.9
+
+
+@pytest.mark.parametrize("name", ["switch_tiny.py", "t5_base.py", "mixtral_8x7b.py", "expert_choice.py"])
+def test_training_flops_are_three_forward(name):
+    acc = accounting.account_config(load(name))
+    assert acc.training_flops_per_token == 3 * acc.forward_flops_per_token
+    assert acc.training_flops_per_example == 3 * acc.forward_flops_per_example()
+
+
+def test_dense_twin_costs_the_same_up_to_the_router():
+    """Top-1 over experts as wide as the dense FFN: the same FLOPs per token plus the router's D x E."""
+    sparse, dense = accounting.account_config(load("switch_tiny.py")), accounting.account_config(load("dense_tiny.py"))
+    assert (sparse.inputs_length, sparse.targets_length) == (dense.inputs_length, dense.targets_length)
+    router = sparse.forward_flops_per_example("router")
+    D, E = 128, 8
+    assert router == (sparse.inputs_length + sparse.targets_length) * 2 * D * E  # one MoE layer per stack
+    assert sparse.forward_flops_per_example() - router == dense.forward_flops_per_example()
+    assert sparse.total_active_params - sparse.params["router"] == dense.total_active_params
+    assert sparse.total_params > dense.total_params
+
+
+def test_active_experts_per_router():
+    S = 16  # encoder tokens per group (inputs_length)
+
+    def expert_share(**moe):
+        cfg = small(decoder_moe_every=0, moe=moe)
+        acc = accounting.account(cfg, S, 8)
+        return acc.active_params["experts"] / (cfg.moe.d_ff * cfg.d_model * 2)  # experts' worth, one MoE layer
+
+    assert expert_share(k=2) == 2
+    assert expert_share(router="hierarchical", num_expert_groups=2, k_groups=2, k=1) == 2
+    assert expert_share(router="expert_choice", train_capacity_factor=2.0) == 2  # c = 2
+    assert expert_share(router="dense") == 4  # all of E
+    assert expert_share(router="soft", soft_slots_per_expert=2) == 4 * 2 / S  # E*P slots per S tokens
+    shared = accounting.account(small(moe=dict(num_shared_experts=2)), 12, 5)
+    assert shared.active_params["shared experts"] == shared.params["shared experts"] == 2 * 2 * (16 * 48)
+
+
+def test_sequence_lengths():
+    assert accounting.span_corruption_targets_length(512, 0.15, 3.0) == 114  # T5's 512 inputs / 114 targets
+    assert accounting.sequence_lengths(load("t5_base.py")) == (512, 114)
+    assert accounting.sequence_lengths(load("mixtral_8x7b.py")) == (0, 4096)
+    config = load("switch_tiny.py")
+    config.data.objective = "lm"
+    with pytest.raises(accounting.AccountingError, match="target_seq_len"):
+        accounting.sequence_lengths(config)
+    with pytest.raises(accounting.AccountingError, match="inputs_length"):
+        accounting.account(small(), 0, 5)
+
+
+def test_cli_prints_the_total(capsys):
+    acc = accounting.main(["accounting", f"--config={ROOT}/configs/switch_tiny.py"])
+    out = capsys.readouterr().out
+    assert f"{acc.total_params:,}" in out and "4.85 M" in out
+    bigger = accounting.main(["accounting", f"--config={ROOT}/configs/switch_tiny.py", "--config.moe.num_experts=16"])
+    assert bigger.params["experts"] == 2 * acc.params["experts"]
+    with pytest.raises(accounting.AccountingError, match="--config"):
+        accounting.main(["accounting"])
+    with pytest.raises(configuration.ConfigError, match="does not exist"):
+        accounting.main(["accounting", f"--config={ROOT}/configs/nope.py"])
+
+
+def test_cli_as_a_module():
+    result = subprocess.run([sys.executable, "-m", "moe_jax.accounting", "--config=configs/switch_tiny.py",
+                             "--check"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "4,853,504" in result.stdout and "checked against build_model" in result.stdout
