@@ -31,4 +31,5 @@ setup(
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["moe_jax=moe_jax.main:run"]},
 )

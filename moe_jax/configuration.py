@@ -7,6 +7,7 @@ the command line (`--config=path/to/configs/x.py[:arg]`), wherever the command r
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import sys
@@ -64,6 +65,56 @@ def load(path: str) -> ml_collections.ConfigDict:
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {file_path!r} defines no get_config(): it must return a ConfigDict")
     return module.get_config(arg) if arg else module.get_config()
+
+
+# The top-level fields every config has (configs/base.py sets their defaults) and their types.
+TOP_LEVEL_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "seed": int, "num_train_steps": int, "batch_size": int, "seq_len": int, "target_seq_len": int,
+    "eval_every_steps": int, "num_eval_steps": int, "checkpoint_every_steps": int, "log_every_steps": int,
+    "keep_checkpoints": int, "optimizer": str, "learning_rate": float, "warmup_steps": int, "schedule": str,
+    "weight_decay": float, "grad_clip_norm": float, "grad_accum_steps": int, "balance_loss_weight": float,
+    "z_loss_weight": float, "model": ml_collections.ConfigDict, "moe": ml_collections.ConfigDict,
+    "data": ml_collections.ConfigDict, "mesh_shape": tuple,
+}
+POSITIVE = ("num_train_steps", "batch_size", "seq_len", "eval_every_steps", "num_eval_steps",
+            "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "grad_accum_steps")
+
+
+def validate(config: ml_collections.ConfigDict) -> ModelConfig:
+    """Check every field before anything is built or compiled; returns the ModelConfig.
+
+    Raises ConfigError naming the field and what it accepts."""
+    from moe_jax import optim  # noqa: PLC0415 (optim imports optax; keep this module light)
+
+    unknown = sorted(set(config.keys()) - set(TOP_LEVEL_FIELDS))
+    if unknown:
+        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, TOP_LEVEL_FIELDS, 1))
+                 else u for u in unknown]
+        raise ConfigError(f"unknown config field(s): {', '.join(hints)}; known: {sorted(TOP_LEVEL_FIELDS)}")
+    for name, kind in TOP_LEVEL_FIELDS.items():
+        if name not in config:
+            raise ConfigError(f"config.{name} is missing: start from configs/base.py")
+        value = config[name]
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise ConfigError(f"config.{name} must be of type {getattr(kind, '__name__', kind)}, got {value!r}")
+    for name in POSITIVE:
+        if config[name] < 1:
+            raise ConfigError(f"config.{name} must be >= 1, got {config[name]}")
+    if config.optimizer not in optim.OPTIMIZERS:
+        raise ConfigError(f"config.optimizer must be one of {optim.OPTIMIZERS}, got {config.optimizer!r}")
+    if config.schedule not in optim.SCHEDULES:
+        raise ConfigError(f"config.schedule must be one of {optim.SCHEDULES}, got {config.schedule!r}")
+    if config.batch_size % config.grad_accum_steps:
+        raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by "
+                          f"config.grad_accum_steps={config.grad_accum_steps}")
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm", "balance_loss_weight", "z_loss_weight",
+                 "warmup_steps", "target_seq_len"):
+        if config[name] < 0:
+            raise ConfigError(f"config.{name} must be >= 0, got {config[name]}")
+    return model_config(config)
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

@@ -1,0 +1,123 @@
+"""Checkpoints in the workdir with Orbax: the train state, the data iterator's position and the
+config, saved together every checkpoint_every_steps (and on SIGTERM), the last N kept.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a write cut
+short (a kill, a full disk) is never taken for a checkpoint and the previous one stays loadable.
+A workdir's checkpoints belong to one experiment: resuming with a config that differs in
+anything but the run-control fields is refused, with the differences listed, and nothing is
+overwritten. Restoring onto other shardings (another mesh) is Orbax's resharding restore.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+# Fields a resumed run may change: how long and how often, never what is trained or on what.
+RUN_CONTROL_FIELDS = ("num_train_steps", "eval_every_steps", "num_eval_steps", "checkpoint_every_steps",
+                      "log_every_steps", "keep_checkpoints")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or used, with what to do about it."""
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
+    """'field: saved -> current' for every field that matters to what is trained."""
+    a, b = _flatten(saved), _flatten(json.loads(current.to_json()))
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
+            if k not in RUN_CONTROL_FIELDS and a.get(k) != b.get(k)]
+
+
+def _keys_to_data(tree):
+    """Typed PRNG keys -> their uint32 data (Orbax saves plain arrays)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
+                        tree)
+
+
+def _abstract_key_data(abstract):
+    def convert(x):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = jax.eval_shape(jax.random.key_data, x)
+            return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(x, "sharding", None))
+        return x
+    return jax.tree.map(convert, abstract)
+
+
+def _data_to_keys(tree, abstract):
+    return jax.tree.map(lambda x, a: jax.random.wrap_key_data(x) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+                        else x, tree, abstract)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, item_names=("state", "data", "config"),
+                options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                     enable_async_checkpointing=async_save))
+        except OSError as e:
+            raise CheckpointError(f"cannot create the checkpoint directory {self.directory}: {e}. "
+                                  "Choose a writable --workdir.") from None
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def saved_config(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+
+    def check_compatible(self, config: ml_collections.ConfigDict) -> None:
+        step = self.latest_step()
+        if step is None:
+            return
+        diff = config_differences(self.saved_config(step), config)
+        if diff:
+            raise CheckpointError(
+                f"the workdir's checkpoint (step {step}, {self.directory}) was trained with a different config; "
+                "refusing to resume or overwrite it. Differences (saved -> now):\n  " + "\n  ".join(diff)
+                + "\nUse another --workdir, or restore the saved values.")
+
+    def save(self, step: int, state, data_state: Any, config: ml_collections.ConfigDict) -> None:
+        try:
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(_keys_to_data(state)),
+                data=ocp.args.JsonSave(data_state),
+                config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.directory}: {e}. "
+                                  f"Earlier checkpoints are intact (latest: {self.latest_step()}).") from None
+
+    def wait(self) -> None:
+        """Block until an asynchronous save has finished; raise CheckpointError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"a checkpoint write to {self.directory} failed: {e}. "
+                                  f"Earlier checkpoints are intact (latest: {self.latest_step()}).") from None
+
+    def restore(self, step: int, abstract_state) -> tuple[Any, Any]:
+        """(state, data iterator state) of a step, placed as abstract_state's shardings say."""
+        target = _abstract_key_data(abstract_state)
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+        return _data_to_keys(restored["state"], abstract_state), restored["data"]
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,265 @@
+"""The main job: train, evaluate or sample from one experiment config.
+
+    python -m moe_jax.main --config=configs/switch_tiny.py --workdir=/tmp/switch_tiny
+    python -m moe_jax.main --config=configs/switch_tiny.py --workdir=/tmp/switch_tiny --mode=infer \\
+        --prompt="def fibonacci(n):"
+
+Any config field can be overridden: --config.moe.num_experts=16. Training resumes from the
+latest checkpoint in the workdir; SIGTERM (a Cloud TPU preemption) saves a checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from moe_jax import configuration, data
+from moe_jax.checkpoints import CheckpointError, Checkpointer
+from moe_jax.metrics import MetricsWriter
+from moe_jax.models import generate
+from moe_jax.trainer import Trainer, summarize_eval
+
+MODES = ("train", "eval", "infer")
+_FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<experiment>.py[:arg]).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard events and metrics.jsonl.")
+flags.DEFINE_enum("mode", "train", MODES, "train (and evaluate), eval (the latest checkpoint), or infer.")
+flags.DEFINE_multi_string("prompt", [], "infer: a prompt to continue (repeat the flag for several).")
+flags.DEFINE_integer("max_new_tokens", 32, "infer: tokens to generate per prompt.")
+flags.DEFINE_float("temperature", 0.0, "infer: sampling temperature; 0 is greedy.")
+flags.DEFINE_float("top_p", 1.0, "infer: nucleus sampling mass.")
+
+console = Console(stderr=True)
+
+
+class Divergence(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def first_bad_layer(metrics: dict, moe_every: dict[str, int]) -> str | None:
+    """The first MoE layer (encoder before decoder) whose router statistics are not finite."""
+    for stack, period in moe_every.items():
+        for name in ("z_loss", "router_entropy", "balance_loss"):
+            values = metrics.get(f"{stack}/{name}")
+            if values is None:
+                continue
+            bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
+            if bad.size:
+                return f"{stack} layer {bad[0] * period + period - 1} ({name} = {np.asarray(values)[bad[0]]})"
+    return None
+
+
+class Run:
+    """Everything a mode needs, built and checked before anything compiles."""
+
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.model_cfg = configuration.validate(config)
+        self.tokenizer = data.get_tokenizer(config)
+        self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
+        self.checkpointer.check_compatible(config)
+        self.trainer = Trainer(config, self.model_cfg)
+        self.moe_every = {}
+        if self.model_cfg.kind == "encoder_decoder" and self.model_cfg.encoder_moe_every:
+            self.moe_every["encoder"] = self.model_cfg.encoder_moe_every
+        if self.model_cfg.decoder_moe_every:
+            self.moe_every["decoder"] = self.model_cfg.decoder_moe_every
+        self.is_writer = jax.process_index() == 0
+
+    def restore_or_init(self):
+        """(state, data iterator state or None, step) from the latest checkpoint, or fresh."""
+        step = self.checkpointer.latest_step()
+        if step is None:
+            return jax.jit(self.trainer.init_state, static_argnums=0)(self.config.seed), None, 0
+        state, data_state = self.checkpointer.restore(step, self.trainer.abstract_state())
+        return state, data_state, step
+
+    def evaluate(self, state, eval_fn) -> dict:
+        sums, n = None, 0
+        for batch in data.eval_batches(self.config, self.tokenizer, process_index=jax.process_index(),
+                                       process_count=jax.process_count()):
+            out = jax.device_get(eval_fn(state, batch))
+            sums = out if sums is None else jax.tree.map(np.add, sums, out)
+            n += 1
+        return {k: np.asarray(v) for k, v in summarize_eval(sums, n).items()}
+
+
+def train(config, workdir: str) -> dict:
+    """Train (and periodically evaluate) to config.num_train_steps; returns the closing summary."""
+    run = Run(config, workdir)
+    state, data_state, start = run.restore_or_init()
+    train_iter = data.train_iterator(config, run.tokenizer, process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+    if data_state is not None:
+        train_iter.set_state(data_state)
+    step_fn = jax.jit(run.trainer.train_step, donate_argnums=0)
+    eval_fn = jax.jit(run.trainer.eval_step)
+    writer = MetricsWriter(workdir, enabled=run.is_writer, moe_every=run.moe_every)
+    stop = {"sigterm": False}
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    tokens_per_step = 0  # token positions per step, both stacks, padding included; set from the first batch
+    summary = {"start_step": start, "final_step": start}
+    if start:
+        console.print(f"resuming from the checkpoint of step {start} in {run.checkpointer.directory}")
+    window = {"time": time.perf_counter(), "steps": 0}
+    total = {"time": 0.0, "steps": 0}
+    try:
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeRemainingColumn(), console=console, disable=not run.is_writer) as progress:
+            task = progress.add_task("train", total=config.num_train_steps, completed=start, info="")
+            for step in range(start + 1, config.num_train_steps + 1):
+                batch = next(train_iter)
+                tokens_per_step = tokens_per_step or jax.process_count() * sum(
+                    np.size(batch[k]) for k in ("encoder_input_tokens", "decoder_input_tokens") if k in batch)
+                state, metrics = step_fn(state, batch)
+                window["steps"] += 1
+                record = {}
+                last = step == config.num_train_steps
+                logging_step = step % config.log_every_steps == 0 or last
+                saving = step % config.checkpoint_every_steps == 0 or last or stop["sigterm"]
+                if logging_step or saving:
+                    metrics = jax.device_get(metrics)
+                    if not math.isfinite(float(metrics["loss"])):
+                        raise Divergence(_divergence_message(step, metrics, run))
+                if logging_step:
+                    elapsed = time.perf_counter() - window["time"]
+                    total["time"] += elapsed
+                    total["steps"] += window["steps"]
+                    tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
+                    scalars = writer.write(step, "train", metrics, extra={"tokens_per_sec": tps}, record=record)
+                    progress.update(task, info=f"loss {scalars['train/loss']:.3f} | {tps:,.0f} tok/s")
+                    summary.update({"train/loss": scalars["train/loss"], "tokens_per_sec": tps,
+                                    "dropped_fraction": _mean_dropped(metrics)})
+                    window.update(time=time.perf_counter(), steps=0)
+                if step % config.eval_every_steps == 0 or last:
+                    ev = run.evaluate(state, eval_fn)
+                    scalars = writer.write(step, "eval", ev, record=record)
+                    summary["eval/loss"] = scalars["eval/loss"]
+                    console.print(f"step {step}: eval loss {scalars['eval/loss']:.4f}, "
+                                  f"accuracy {scalars['eval/accuracy']:.3f}")
+                if saving:
+                    run.checkpointer.save(step, state, train_iter.get_state(), config)
+                writer.end_step(step, record)
+                progress.update(task, completed=step)
+                summary["final_step"] = step
+                if stop["sigterm"]:
+                    console.print(f"SIGTERM: saved the checkpoint of step {step}; exiting")
+                    break
+        run.checkpointer.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+        run.checkpointer.close()
+        writer.close()
+    if total["steps"]:
+        summary["tokens_per_sec_mean"] = tokens_per_step * total["steps"] / total["time"]
+    summary["preempted"] = stop["sigterm"]
+    return summary
+
+
+def _mean_dropped(metrics: dict) -> float:
+    values = [np.mean(v) for k, v in metrics.items() if k.endswith("/dropped_fraction")]
+    return float(np.mean(values)) if values else 0.0
+
+
+def _divergence_message(step: int, metrics: dict, run: Run) -> str:
+    latest = run.checkpointer.latest_step()
+    where = first_bad_layer(metrics, run.moe_every)
+    return (f"the loss is {float(metrics['loss'])} at step {step}; stopping. The last good checkpoint "
+            f"(step {latest}) is kept in {run.checkpointer.directory}. "
+            + (f"First router statistics to go bad: {where}." if where else
+               "Every MoE layer's router statistics are still finite."))
+
+
+def evaluate_only(config, workdir: str) -> dict:
+    run = Run(config, workdir)
+    step = run.checkpointer.latest_step()
+    if step is None:
+        raise configuration.ConfigError(f"--mode=eval needs a checkpoint in {workdir}: train first")
+    state, _, _ = run.restore_or_init()
+    result = run.evaluate(state, jax.jit(run.trainer.eval_step))
+    run.checkpointer.close()
+    return {"step": step, **{k: float(np.mean(v)) for k, v in result.items()}}
+
+
+def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temperature: float,
+          top_p: float) -> list[str]:
+    """Continuations of the prompts from the latest checkpoint's model."""
+    if not prompts:
+        raise configuration.ConfigError("--mode=infer needs at least one --prompt")
+    run = Run(config, workdir)
+    if run.checkpointer.latest_step() is None:
+        raise configuration.ConfigError(f"--mode=infer needs a checkpoint in {workdir}: train first")
+    state, _, _ = run.restore_or_init()
+    run.checkpointer.close()
+    from flax import nnx  # noqa: PLC0415
+
+    model = nnx.merge(run.trainer.eval_graphdef, state.params, state.rest)
+    tok = run.tokenizer
+    encoded = [tok.encode(p) + ([tok.eos_id] if run.model_cfg.kind == "encoder_decoder" else []) for p in prompts]
+    width = max(len(e) for e in encoded)
+    # Decoder-only prompts are left-padded (see moe_jax.models.decoding); encoder inputs right-padded.
+    left = run.model_cfg.kind == "decoder"
+    rows = [[0] * (width - len(e)) + e if left else e + [0] * (width - len(e)) for e in encoded]
+    valid = [[0] * (width - len(e)) + [1] * len(e) if left else [1] * len(e) + [0] * (width - len(e))
+             for e in encoded]
+    out = generate(model, jnp.asarray(rows, jnp.int32), jnp.asarray(valid, bool), max_new_tokens=max_new_tokens,
+                   temperature=temperature, top_p=top_p, rng=jax.random.PRNGKey(config.seed))
+    texts = []
+    for row in np.asarray(out).tolist():
+        if tok.eos_id in row:
+            row = row[:row.index(tok.eos_id)]
+        texts.append(tok.decode(row))
+    return texts
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _FLAGS.config is None or not _FLAGS.workdir:
+        raise app.UsageError("--config=configs/<experiment>.py and --workdir=<dir> are required")
+    config = _FLAGS.config
+    logging.set_verbosity(logging.WARNING)
+    if _FLAGS.mode == "train":
+        summary = train(config, _FLAGS.workdir)
+        print_summary(summary)
+    elif _FLAGS.mode == "eval":
+        for k, v in evaluate_only(config, _FLAGS.workdir).items():
+            print(f"{k:24s} {v}")
+    else:
+        texts = infer(config, _FLAGS.workdir, _FLAGS.prompt, max_new_tokens=_FLAGS.max_new_tokens,
+                      temperature=_FLAGS.temperature, top_p=_FLAGS.top_p)
+        for prompt, text in zip(_FLAGS.prompt, texts):
+            print(f"{prompt!r} -> {text!r}")
+
+
+def print_summary(summary: dict) -> None:
+    print(f"done: step {summary['final_step']}" + (" (preempted: SIGTERM)" if summary.get("preempted") else ""))
+    for key in ("train/loss", "eval/loss", "tokens_per_sec_mean", "dropped_fraction"):
+        if key in summary:
+            print(f"  {key:22s} {summary[key]:.4f}" if isinstance(summary[key], float) else f"  {key} {summary[key]}")
+
+
+def run() -> None:
+    """Console-script entry point (`moe_jax`)."""
+    try:
+        configuration.make_configs_importable(sys.argv)
+    except configuration.ConfigError as e:
+        sys.exit(f"error: {e}")
+    try:
+        app.run(main)
+    except (ValueError, Divergence, CheckpointError) as e:  # ConfigError is a ValueError
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    run()

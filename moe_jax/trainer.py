@@ -1,0 +1,147 @@
+"""The training and evaluation steps, as pure functions of a TrainState.
+
+Objective (Switch, Fedus et al. 2021; ST-MoE, Zoph et al. 2022): token cross-entropy over the
+targets' non-padding positions + balance_loss_weight x the mean balancing loss of the MoE layers
++ z_loss_weight x their mean router z-loss. A step with grad_accum_steps = A splits the global
+batch into A micro-batches and sums their gradients, each micro-batch's cross-entropy divided by
+the whole batch's target count, so the update equals the one-shot batch's exactly.
+
+The model lives as (graphdef, params, rest): params are the trained nnx.Params; rest holds the
+other variables (RNG stream counters, DeepSeek-V3's balance bias), threaded through steps so a
+resumed run draws the same random numbers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from moe_jax import optim
+from moe_jax.models import ModelConfig, build_model
+from moe_jax.moe_layer import MoEAux
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 []
+    params: Any  # nested dict of the nnx.Params' arrays
+    rest: Any  # nested dict of every other variable's arrays (RNG keys and counts, balance bias)
+    opt_state: Any
+
+
+def model_inputs(kind: str, batch: dict) -> tuple[tuple, dict]:
+    """Positional and keyword arguments of the model's __call__ from a batch of T5X features."""
+    dec = dict(segment_ids=batch["decoder_segment_ids"], positions=batch["decoder_positions"])
+    if kind == "decoder":
+        return (batch["decoder_input_tokens"],), dec
+    return (batch["encoder_input_tokens"], batch["decoder_input_tokens"]), dict(
+        input_segment_ids=batch["encoder_segment_ids"], input_positions=batch["encoder_positions"],
+        decoder_segment_ids=dec["segment_ids"], decoder_positions=dec["positions"])
+
+
+def routing_metrics(moe_aux: dict[str, MoEAux | None]) -> dict[str, jax.Array]:
+    """Per stack: each statistic with a leading [units] axis, plus the per-layer losses."""
+    out = {}
+    for stack, aux in moe_aux.items():
+        if aux is None:
+            continue
+        out[f"{stack}/balance_loss"] = aux.balance_loss
+        out[f"{stack}/z_loss"] = aux.z_loss
+        out.update({f"{stack}/{name}": value for name, value in aux.stats.items()})
+    return out
+
+
+class Trainer:
+    """Builds the model abstractly once and holds the static pieces of the step functions."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model_cfg: ModelConfig):
+        self.config, self.model_cfg = config, model_cfg
+        self.tx = optim.make_optimizer(config)
+        self.schedule = optim.learning_rate_schedule(config)
+        abstract = nnx.eval_shape(lambda: self._build(0))
+        self.graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+        abstract.eval()
+        self.eval_graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+
+    def _build(self, seed: int):
+        return build_model(self.model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1, router=seed + 2))
+
+    def init_state(self, seed: int) -> TrainState:
+        """A fresh state; call under jax.jit (with out_shardings) to create it in place."""
+        _, params, rest = nnx.split(self._build(seed), nnx.Param, ...)
+        params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=self.tx.init(params))
+
+    def abstract_state(self) -> TrainState:
+        return jax.eval_shape(lambda: self.init_state(0))
+
+    def _forward(self, graphdef, params, rest, batch):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        args, kwargs = model_inputs(self.model_cfg.kind, batch)
+        logits, aux = model(*args, **kwargs)
+        return logits, aux, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+
+    def _micro_loss(self, params, rest, batch, total_weight):
+        logits, aux, rest = self._forward(self.graphdef, params, rest, batch)
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
+        ce_sum = jnp.sum(ce * weights)
+        A = self.config.grad_accum_steps
+        aux_loss = (self.config.balance_loss_weight * aux["balance_loss"]
+                    + self.config.z_loss_weight * aux["z_loss"]) / A
+        correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
+        metrics = {"ce_sum": ce_sum, "correct": correct, "balance_loss": aux["balance_loss"] / A,
+                   "z_loss": aux["z_loss"] / A,
+                   **jax.tree.map(lambda v: v / A, routing_metrics(aux["moe"]))}
+        return ce_sum / total_weight + aux_loss, (metrics, rest)
+
+    def train_step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        A = self.config.grad_accum_steps
+        total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"]), 1.0)
+        # [B, ...] -> [A, B / A, ...]
+        micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+        grad_fn = jax.value_and_grad(self._micro_loss, has_aux=True)
+
+        def accumulate(carry, mb):
+            grads, metrics, rest = carry
+            (_, (m, rest)), g = grad_fn(state.params, rest, mb, total_weight)
+            return (jax.tree.map(jnp.add, grads, g), jax.tree.map(jnp.add, metrics, m), rest), None
+
+        zero_grads = jax.tree.map(jnp.zeros_like, state.params)
+        first = jax.tree.map(lambda x: x[0], micro)
+        metric_shapes = jax.eval_shape(lambda: self._micro_loss(state.params, state.rest, first, total_weight))[1][0]
+        zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+        (grads, metrics, rest), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics, state.rest), micro)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = TrainState(step=state.step + 1, params=params, rest=rest, opt_state=opt_state)
+        loss = metrics["ce_sum"] / total_weight
+        metrics = {**{k: v for k, v in metrics.items() if k not in ("ce_sum", "correct")},
+                   "ce": loss, "accuracy": metrics["correct"] / total_weight,
+                   "loss": loss + self.config.balance_loss_weight * metrics["balance_loss"]
+                   + self.config.z_loss_weight * metrics["z_loss"],
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": self.schedule(state.step),
+                   "target_tokens": total_weight}
+        return new_state, metrics
+
+    def eval_step(self, state: TrainState, batch: dict) -> dict:
+        """Sums over the batch (divide by 'target_tokens' after summing over batches)."""
+        logits, aux, _ = self._forward(self.eval_graphdef, state.params, state.rest, batch)
+        targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        return {"ce_sum": jnp.sum(ce * weights), "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * weights),
+                "target_tokens": jnp.sum(weights), "balance_loss": aux["balance_loss"], "z_loss": aux["z_loss"],
+                **routing_metrics(aux["moe"])}
+
+
+def summarize_eval(sums: dict, num_batches: int) -> dict:
+    """Token-weighted loss, negative log perplexity and accuracy; batch-mean routing metrics."""
+    tokens = max(float(sums["target_tokens"]), 1.0)
+    out = {"loss": sums["ce_sum"] / tokens, "accuracy": sums["correct"] / tokens}
+    out["neg_log_perplexity"] = -out["loss"]
+    out.update({k: v / num_batches for k, v in sums.items() if k not in ("ce_sum", "correct", "target_tokens")})
+    return out
