@@ -28,8 +28,8 @@ Conventions, and where they come from:
 - Training FLOPs = 3 x forward: the backward pass costs about twice the forward (gradients for
   activations and for weights), Kaplan et al. 2020's C = 6N per token.
 - Memory: parameters in float32; Adafactor (Shazeer & Stern 2018) state as `optax.adafactor` keeps
-  it with its defaults: second moments factored into row and column statistics over an array's two
-  largest axes when the second largest has >= 128 entries (min_dim_size_to_factor), the full second
+  it with moe_jax's settings (moe_jax.optim): second moments factored into row and column statistics
+  over an array's two largest axes when the second largest has >= 32 entries, the full second
   moment otherwise, 1-element placeholders for the unused ones, no momentum; AdamW: two float32
   moments. Scalar step counters are left out.
 """
@@ -48,7 +48,7 @@ from ml_collections import config_flags
 from rich.console import Console
 from rich.table import Table
 
-from moe_jax import configuration
+from moe_jax import configuration, optim
 from moe_jax.experts import is_gated
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.transformer import build_model
@@ -57,7 +57,7 @@ PARAM_CATEGORIES = ("embeddings/logits", "attention", "dense FFN", "experts", "s
                     "position biases")
 FLOP_CATEGORIES = ("attention projections", "attention scores", "dense FFN", "experts", "shared experts", "router",
                    "logits")
-ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR = 128  # optax.adafactor's default
+ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR = optim.ADAFACTOR_MIN_DIM_TO_FACTOR  # what moe_jax's optimiser uses
 BYTES_PER_FLOAT32 = 4
 
 

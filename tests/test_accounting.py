@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import MoEConfig, accounting, configuration
+from moe_jax import MoEConfig, accounting, configuration, optim
 from moe_jax.models import ModelConfig, build_model
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
@@ -86,7 +86,10 @@ def test_hand_computed_small_config():
 def test_adafactor_state_size_by_hand():
     assert accounting.adafactor_state_size((768, 3072)) == 768 + 3072 + 1  # rows, columns, placeholder v
     assert accounting.adafactor_state_size((6, 128, 8, 512)) == 6 * 8 * 512 + 6 * 128 * 8 + 1
-    assert accounting.adafactor_state_size((12, 768, 12, 64)) == 12 * 768 * 12 * 64 + 2  # 64 < 128: full
+    # moe_jax factors when the second-largest axis is >= 32: T5-sized attention kernels [U, D, H, 64] are
+    # factored over D (rows dropped) and Dh (columns dropped); a 16-wide second axis is not.
+    assert accounting.adafactor_state_size((12, 768, 12, 64)) == 12 * 12 * 64 + 12 * 768 * 12 + 1
+    assert accounting.adafactor_state_size((12, 768, 12, 16)) == 12 * 768 * 12 * 16 + 2
     assert accounting.adafactor_state_size((4096,)) == 4096 + 2
     assert accounting.adafactor_state_size(()) == 1 + 2
 
@@ -143,7 +146,7 @@ def test_optimizer_state_equals_optax(name):
         leaves = jax.tree.leaves(jax.eval_shape(optimizer.init, params))
         return sum(x.size * x.dtype.itemsize for x in leaves if x.dtype == jnp.float32)
 
-    assert acc.adafactor_state_bytes == state_bytes(optax.adafactor(1e-2))
+    assert acc.adafactor_state_bytes == state_bytes(optax.adafactor(1e-2, min_dim_size_to_factor=optim.ADAFACTOR_MIN_DIM_TO_FACTOR))
     assert acc.adamw_state_bytes == state_bytes(optax.adamw(1e-3))
     assert acc.adafactor_state_bytes < acc.param_bytes / 4  # the wide matrices are factored
 
