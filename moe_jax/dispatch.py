@@ -91,60 +91,68 @@ def einsum_combine(outputs: jax.Array, ctx: EinsumCtx) -> jax.Array:
 
 # ----------------------------------------------------------------------------- index
 class IndexCtx(NamedTuple):
-    token_slot: jax.Array | None  # int32 [G*S, K]: flat slot of each choice (E*G*C when dropped)
-    slot_token: jax.Array  # int32 [E*G*C]: flat token in each slot (G*S when empty)
-    slot_choice: jax.Array | None  # int32 [E*G*C]: flat (token, choice) index in each slot
-    weight: jax.Array  # float32 [G*S, K] (token choice) or [E*G*C] (expert choice)
-    shape: tuple[int, int]  # (G, S)
+    token_slot: jax.Array | None  # int32 [G, S, K]: slot e*C + c of each choice in its group (E*C: dropped)
+    slot_token: jax.Array  # int32 [G, E*C]: token of the group held by each slot (S: empty)
+    slot_choice: jax.Array | None  # int32 [G, E*C]: (token, choice) index s*K + k in each slot (S*K: empty)
+    weight: jax.Array  # float32 [G, S, K] (token choice) or [G, E*C] (expert choice)
+    group_size: int  # S
 
 
-def _token_choice_maps(decision: TokenChoice, G: int, S: int, C: int):
-    E, K = decision.num_experts, decision.position.shape[-1]
-    num_slots, num_tokens = E * G * C, G * S
-    group = jnp.arange(G, dtype=jnp.int32)[:, None, None]
-    # [G, S, K]: flat slot e*G*C + g*C + position, or the out-of-range num_slots when dropped.
-    slot = decision.expert_index * (G * C) + group * C + decision.position
-    token_slot = jnp.where(decision.position >= 0, slot, num_slots).reshape(num_tokens, K)
-    # Inverse maps: [E*G*C] token (and token-choice pair) held by each slot; empty slots are out of range.
-    choice_id = jnp.arange(num_tokens * K, dtype=jnp.int32)
-    slot_choice = jnp.full((num_slots,), num_tokens * K, jnp.int32).at[token_slot.reshape(-1)].set(
-        choice_id, mode="drop")
-    slot_token = jnp.where(slot_choice < num_tokens * K, slot_choice // K, num_tokens)
+def _token_choice_maps(decision: TokenChoice, C: int):
+    """Per-group slot maps; every index stays inside its group, so a group-sharded batch gathers locally."""
+    G, S, K = decision.position.shape
+    E = decision.num_experts
+    # [G, S, K]: slot e*C + position, or the out-of-range E*C when dropped.
+    token_slot = jnp.where(decision.position >= 0, decision.expert_index * C + decision.position, E * C)
+    choice_id = jnp.arange(S * K, dtype=jnp.int32)
+
+    def invert(slots):  # [S*K] -> [E*C]: the choice held by each slot, S*K where empty
+        return jnp.full((E * C,), S * K, jnp.int32).at[slots].set(choice_id, mode="drop")
+
+    slot_choice = jax.vmap(invert)(token_slot.reshape(G, S * K))  # [G, E*C]
+    slot_token = jnp.where(slot_choice < S * K, slot_choice // K, S)  # [G, E*C]
     return token_slot, slot_token, slot_choice
+
+
+def _to_expert_major(buffers: jax.Array, E: int) -> jax.Array:
+    """[G, E*C, D] -> [E, G*C, D]: the move expert parallelism turns into an all-to-all."""
+    G, EC, D = buffers.shape
+    return jnp.transpose(buffers.reshape(G, E, EC // E, D), (1, 0, 2, 3)).reshape(E, G * (EC // E), D)
+
+
+def _to_group_major(outputs: jax.Array, G: int) -> jax.Array:
+    """[E, G*C, D] -> [G, E*C, D], the inverse move."""
+    E, GC, D = outputs.shape
+    return jnp.transpose(outputs.reshape(E, G, GC // G, D), (1, 0, 2, 3)).reshape(G, E * (GC // G), D)
 
 
 def index_dispatch(x: jax.Array, decision) -> tuple[jax.Array, IndexCtx]:
     G, S, D = x.shape
     C = buffer_capacity(decision, S)
     E = decision.num_experts
-    tokens = x.reshape(G * S, D)
     if isinstance(decision, TokenChoice):
-        token_slot, slot_token, slot_choice = _token_choice_maps(decision, G, S, C)
-        inputs = gather_rows(tokens, slot_token, token_slot)  # [G*S, D] -> [E*G*C, D]
-        ctx = IndexCtx(token_slot, slot_token, slot_choice, decision.weight.reshape(G * S, -1), (G, S))
+        token_slot, slot_token, slot_choice = _token_choice_maps(decision, C)
+        # Per group: [S, D] -> [E*C, D]; the VJP gathers back through token_slot.
+        buffers = jax.vmap(gather_rows)(x, slot_token, token_slot)  # [G, E*C, D]
+        ctx = IndexCtx(token_slot, slot_token, slot_choice, decision.weight, S)
     else:
-        # [G, E, C] -> [E, G, C] -> [E*G*C]: flat token id of each slot (every slot is filled).
-        slot_token = jnp.transpose(decision.token_index + jnp.arange(G, dtype=jnp.int32)[:, None, None] * S,
-                                   (1, 0, 2)).reshape(-1)
-        inputs = jnp.take(tokens, slot_token, axis=0)  # [E*G*C, D]
-        weight = jnp.transpose(decision.weight, (1, 0, 2)).reshape(-1)  # [E*G*C]
-        ctx = IndexCtx(None, slot_token, None, weight, (G, S))
-    return inputs.reshape(E, G * C, D), ctx
+        slot_token = decision.token_index.reshape(G, E * C)  # [G, E, C] -> [G, E*C]; every slot is filled
+        buffers = jnp.take_along_axis(x, slot_token[..., None], axis=1)  # [G, E*C, D]
+        ctx = IndexCtx(None, slot_token, None, decision.weight.reshape(G, E * C), S)
+    return _to_expert_major(buffers, E), ctx
 
 
 def index_combine(outputs: jax.Array, ctx: IndexCtx) -> jax.Array:
-    E, N, D = outputs.shape
-    G, S = ctx.shape
-    flat = outputs.reshape(E * N, D)
-    if ctx.token_slot is None:  # expert choice: a token may sit in 0..E slots, so scatter-add.
-        weighted = flat * ctx.weight[:, None].astype(flat.dtype)  # [E*G*C, D]
-        y = jnp.zeros((G * S, D), flat.dtype).at[ctx.slot_token].add(weighted)
-        return y.reshape(G, S, D)
-    K = ctx.token_slot.shape[-1]
-    picked = gather_rows(flat, ctx.token_slot.reshape(-1), ctx.slot_choice[:, None])  # [G*S*K, D]
-    picked = picked.reshape(G * S, K, D)
-    y = jnp.einsum("tkd,tk->td", picked, ctx.weight.astype(flat.dtype))  # [G*S, D]
-    return y.reshape(G, S, D)
+    G = ctx.slot_token.shape[0]
+    buffers = _to_group_major(outputs, G)  # [G, E*C, D]
+    D = buffers.shape[-1]
+    if ctx.token_slot is None:  # expert choice: a token sits in 0..E slots, so scatter-add.
+        weighted = buffers * ctx.weight[..., None].astype(buffers.dtype)  # [G, E*C, D]
+        return jax.vmap(lambda w, t: jnp.zeros((ctx.group_size, D), w.dtype).at[t].add(w))(weighted, ctx.slot_token)
+    _, S, K = ctx.token_slot.shape
+    picked = jax.vmap(gather_rows)(buffers, ctx.token_slot.reshape(G, S * K), ctx.slot_choice[..., None])
+    # [G, S*K, D] -> [G, S, K, D], weighted sum over the K choices -> [G, S, D]
+    return jnp.einsum("gskd,gsk->gsd", picked.reshape(G, S, K, D), ctx.weight.astype(buffers.dtype))
 
 
 # ----------------------------------------------------------------------------- dropless
