@@ -51,17 +51,24 @@ def get_config() -> ml_collections.ConfigDict:
         text_key="text",  # feature holding the text in a TFDS dataset
         train_split="train",
         eval_split="validation",
-        tokenizer="",  # a SentencePiece .model path; "" = train one on the corpus (cached in data_dir)
-        objective="span_corruption",  # or "lm" (causal language modelling)
+        tokenizer="",  # a SentencePiece .model path (gs:// too); "" = train one on the dataset (cached in data_dir)
+        spm_vocab_size=8000,  # pieces of the trained tokenizer; + extra_ids must fit model.vocab_size
+        extra_ids=100,  # span-corruption sentinels on top of the pieces (T5: 32000 + 100 = 32100)
+        objective="span_corruption",  # or "lm" (causal language modelling, decoder-only models)
         noise_density=0.15,
         mean_noise_span_length=3.0,
-        packing=True,
-        shuffle_buffer=10_000,
-        num_workers=0,
+        packing=True,  # several examples per row, with segment ids and positions
+        num_workers=0,  # grain worker processes (0: prepare batches in this process)
+        corpus_max_files=0,  # default corpus: 0 = the whole stdlib; N = a fixed subset of N files (tests)
     ))
 
-    # Sharding (data, expert, model) mesh; -1 takes the remaining devices.
+    # Sharding: a (data, expert, model) mesh, -1 taking the remaining devices, and the map from the
+    # model's logical axis names to mesh axes (see moe_jax/sharding.py).
     config.mesh_shape = (-1, 1, 1)
+    config.logical_axis_rules = (
+        ("batch", ("data", "expert")), ("expert", "expert"), ("expert_tokens", "data"), ("embed", None),
+        ("mlp", "model"), ("heads", "model"), ("kv_heads", "model"), ("kv", None), ("vocab", "model"),
+        ("layers", None), ("relpos_buckets", None), ("length", None))
     return config
 
 

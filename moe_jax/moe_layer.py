@@ -13,10 +13,13 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import routing
+from moe_jax import routing, sharding
 from moe_jax.experts import FeedForward
 from moe_jax.moe_config import MoEConfig
 from moe_jax.router import Router
+
+
+EXPERT_MAJOR = ("expert", "expert_tokens", "embed")  # logical axes of [E, G*C, D] buffers
 
 
 @struct.dataclass
@@ -72,7 +75,7 @@ class MoELayer(nnx.Module):
         B, L, D = x.shape
         G, S = (B, L) if dropless else self.group_shape(B, L)
         x = x.astype(self.dtype)
-        groups = x.reshape(G, S, D)  # [B, L, D] -> [G, S, D]
+        groups = sharding.constrain(x.reshape(G, S, D), ("batch", None, "embed"))  # [B, L, D] -> [G, S, D]
         capacity = None if dropless else self.capacity(S)
         decision = self.router(groups, capacity=capacity, train=not self.deterministic)
         if isinstance(decision, routing.SoftRouting):
@@ -84,8 +87,10 @@ class MoELayer(nnx.Module):
                 rows, group_sizes = inputs
                 outputs = self.experts(rows, group_sizes)  # [N, D], grouped by expert
             else:
-                outputs = self.experts(inputs)  # [E, G*C, D]
-            y = receive(outputs, ctx)  # [G, S, D]
+                # Token-major -> expert-major: with experts sharded, XLA moves tokens by an all-to-all here.
+                inputs = sharding.constrain(inputs, EXPERT_MAJOR)  # [E, G*C, D]
+                outputs = sharding.constrain(self.experts(inputs), EXPERT_MAJOR)  # [E, G*C, D]
+            y = sharding.constrain(receive(outputs, ctx), ("batch", None, "embed"))  # [G, S, D]
         y = y.reshape(B, L, D).astype(self.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -96,5 +101,6 @@ class MoELayer(nnx.Module):
         G, S, E, P = decision.dispatch.shape
         D = groups.shape[-1]
         slots = jnp.einsum("gsd,gsep->egpd", groups, decision.dispatch.astype(groups.dtype))  # [E, G, P, D]
-        outputs = self.experts(slots.reshape(E, G * P, D)).reshape(E, G, P, D)  # [E, G*P, D]
+        slots = sharding.constrain(slots.reshape(E, G * P, D), EXPERT_MAJOR)  # [E, G*P, D]
+        outputs = sharding.constrain(self.experts(slots), EXPERT_MAJOR).reshape(E, G, P, D)
         return jnp.einsum("egpd,gsep->gsd", outputs, decision.combine.astype(outputs.dtype))  # [G, S, D]

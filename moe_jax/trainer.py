@@ -12,15 +12,18 @@ resumed run draws the same random numbers.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from moe_jax import optim
+from moe_jax import optim, sharding
 from moe_jax.models import ModelConfig, build_model
 from moe_jax.moe_layer import MoEAux
 
@@ -56,16 +59,69 @@ def routing_metrics(moe_aux: dict[str, MoEAux | None]) -> dict[str, jax.Array]:
 
 
 class Trainer:
-    """Builds the model abstractly once and holds the static pieces of the step functions."""
+    """Builds the model abstractly once and holds the static pieces of the step functions, the
+    mesh and the shardings of the state and the batch."""
 
-    def __init__(self, config: ml_collections.ConfigDict, model_cfg: ModelConfig):
+    def __init__(self, config: ml_collections.ConfigDict, model_cfg: ModelConfig, mesh: Mesh | None = None):
         self.config, self.model_cfg = config, model_cfg
         self.tx = optim.make_optimizer(config)
         self.schedule = optim.learning_rate_schedule(config)
         abstract = nnx.eval_shape(lambda: self._build(0))
         self.graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+        self.param_logical_axes = sharding.logical_axes(abstract)
         abstract.eval()
         self.eval_graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
+        self.mesh = sharding.make_mesh(config.mesh_shape) if mesh is None else mesh
+        self.rules = sharding.rules_dict(config.logical_axis_rules)
+        self._check_divisibility()
+        self.state_sharding = self._state_sharding()
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(self.mesh, sharding.mesh_spec(("batch",), (config.batch_size,),
+                                                                          self.mesh, self.rules))
+
+    def _check_divisibility(self) -> None:
+        shards = math.prod(self.mesh.shape[a] for a in sharding.MESH_AXES
+                           if a in (self.rules.get("batch") or ()))
+        per_step = self.config.batch_size // self.config.grad_accum_steps
+        if per_step % shards:
+            raise sharding.ShardingError(
+                f"config.batch_size={self.config.batch_size} (per micro-batch {per_step}) must be divisible by the "
+                f"{shards} batch shards of config.mesh_shape={tuple(self.mesh.shape.values())}")
+
+    def _state_sharding(self) -> TrainState:
+        abstract = self.abstract_state()
+        params = sharding.tree_shardings(abstract.params, self.param_logical_axes, self.mesh, self.rules)
+        replicate = NamedSharding(self.mesh, PartitionSpec())
+        return TrainState(step=replicate, params=params, rest=jax.tree.map(lambda _: replicate, abstract.rest),
+                          opt_state=sharding.matching_shardings(abstract.opt_state, abstract.params, params, self.mesh))
+
+    def _under_mesh(self, fn):
+        def traced(*args):
+            with sharding.use_mesh(self.mesh, self.rules):
+                return fn(*args)
+        return traced
+
+    def create_state(self, seed: int) -> TrainState:
+        """A fresh state, created directly in its shards (no full copy on one device)."""
+        return jax.jit(self._under_mesh(lambda: self.init_state(seed)), out_shardings=self.state_sharding)()
+
+    def jit_train_step(self):
+        return jax.jit(self._under_mesh(self.train_step), in_shardings=(self.state_sharding, self.batch_sharding),
+                       out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
+
+    def jit_eval_step(self):
+        return jax.jit(self._under_mesh(self.eval_step), in_shardings=(self.state_sharding, self.batch_sharding),
+                       out_shardings=self.replicated)
+
+    def shard_batch(self, local_batch: dict) -> dict:
+        """Host-local rows -> global arrays laid out over the batch shards."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local_batch.items()}
+
+    def abstract_sharded_state(self) -> TrainState:
+        """The state's shapes, dtypes and shardings (the target of a restore)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state(), self.state_sharding)
 
     def _build(self, seed: int):
         return build_model(self.model_cfg, rngs=nnx.Rngs(params=seed, dropout=seed + 1, router=seed + 2))
