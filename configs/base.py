@@ -58,7 +58,7 @@ def get_config() -> ml_collections.ConfigDict:
         noise_density=0.15,
         mean_noise_span_length=3.0,
         packing=True,  # several examples per row, with segment ids and positions
-        num_workers=0,  # grain worker processes (0: prepare batches in this process)
+        num_workers=0,  # grain worker processes (0: this process); the batch order depends on it: resume alike
         corpus_max_files=0,  # default corpus: 0 = the whole stdlib; N = a fixed subset of N files (tests)
     ))
 

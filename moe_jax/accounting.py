@@ -49,6 +49,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_jax import configuration, optim
+from moe_jax.data import options as data_options
 from moe_jax.experts import is_gated
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.transformer import build_model
@@ -173,32 +174,12 @@ def experts_per_token(cfg: ModelConfig, group_tokens: int) -> float:
     return float(moe.choices_per_token)  # k; k_groups * k (hierarchical); E (dense)
 
 
-def span_corruption_targets_length(inputs_length: int, noise_density: float, mean_noise_span_length: float) -> int:
-    """Targets length of T5 span corruption for a given inputs length (T5's `random_spans_helper`):
-    the longest raw span whose corrupted inputs fit, then its targets (noise + sentinels + EOS)."""
-    def lengths(tokens):
-        noise = int(round(tokens * noise_density))
-        spans = int(round(noise / mean_noise_span_length))
-        return tokens - noise + spans + 1, noise + spans + 1  # (inputs, targets)
-
-    tokens = inputs_length - 1
-    while lengths(tokens + 1)[0] <= inputs_length:
-        tokens += 1
-    return lengths(tokens)[1]
-
-
 def sequence_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
-    """(inputs length, targets length) of one example: (0, seq_len) for a decoder-only model;
-    (seq_len, target_seq_len) for an encoder-decoder, target_seq_len=0 meaning span corruption's."""
-    if config.model.kind == "decoder":
-        return 0, config.seq_len
-    if config.target_seq_len:
-        return config.seq_len, config.target_seq_len
-    if config.data.objective != "span_corruption":
-        raise AccountingError(f"config.target_seq_len=0 is only derived for data.objective='span_corruption', got "
-                              f"{config.data.objective!r}: set config.target_seq_len")
-    return config.seq_len, span_corruption_targets_length(config.seq_len, config.data.noise_density,
-                                                          config.data.mean_noise_span_length)
+    """(inputs length, targets length) of one example, as the data pipeline builds it: (0, seq_len)
+    for a decoder-only model; (seq_len, targets) for span corruption, where target_seq_len=0 is derived
+    as T5 does (moe_jax.data.options)."""
+    plan = data_options.plan(config)
+    return plan.inputs_len, plan.targets_len
 
 
 def adafactor_state_size(shape: Sequence[int], min_dim_size_to_factor: int = ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Fields a resumed run may change: how long and how often, never what is trained or on what.
@@ -64,6 +65,20 @@ def _data_to_keys(tree, abstract):
                         else x, tree, abstract)
 
 
+def gather_host_states(state: Any) -> list:
+    """Every host's data-iterator state, in process order (each host reads its own shard)."""
+    if jax.process_count() == 1:
+        return [state]
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size]))  # [P, 1]
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = multihost_utils.process_allgather(padded)  # [P, max length]
+    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, lengths.ravel())]
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -97,7 +112,7 @@ class Checkpointer:
         try:
             self.manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave(_keys_to_data(state)),
-                data=ocp.args.JsonSave(data_state),
+                data=ocp.args.JsonSave({"hosts": gather_host_states(data_state)}),
                 config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
         except (OSError, ValueError) as e:
             raise CheckpointError(f"could not write the checkpoint of step {step} to {self.directory}: {e}. "
@@ -112,11 +127,16 @@ class Checkpointer:
                                   f"Earlier checkpoints are intact (latest: {self.latest_step()}).") from None
 
     def restore(self, step: int, abstract_state) -> tuple[Any, Any]:
-        """(state, data iterator state) of a step, placed as abstract_state's shardings say."""
+        """(state, this host's data iterator state) of a step, placed as abstract_state's shardings say."""
         target = _abstract_key_data(abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        return _data_to_keys(restored["state"], abstract_state), restored["data"]
+        hosts = restored["data"]["hosts"]
+        if len(hosts) != jax.process_count():
+            raise CheckpointError(f"the checkpoint of step {step} was written by {len(hosts)} host(s), but "
+                                  f"{jax.process_count()} are running: each host resumes its own data shard, so "
+                                  "resume with the same number of hosts")
+        return _data_to_keys(restored["state"], abstract_state), hosts[jax.process_index()]
 
     def close(self) -> None:
         self.manager.wait_until_finished()

@@ -85,6 +85,7 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
 
     Raises ConfigError naming the field and what it accepts."""
     from moe_jax import optim  # noqa: PLC0415 (optim imports optax; keep this module light)
+    from moe_jax.data import options as data_options  # noqa: PLC0415
 
     unknown = sorted(set(config.keys()) - set(TOP_LEVEL_FIELDS))
     if unknown:
@@ -114,7 +115,9 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
                  "warmup_steps", "target_seq_len"):
         if config[name] < 0:
             raise ConfigError(f"config.{name} must be >= 0, got {config[name]}")
-    return model_config(config)
+    model = model_config(config)
+    data_options.plan(config)  # the data fields, and the lengths they imply
+    return model
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:

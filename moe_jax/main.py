@@ -122,7 +122,11 @@ def train(config, workdir: str) -> dict:
                 tokens_per_step = tokens_per_step or jax.process_count() * sum(
                     np.size(batch[k]) for k in ("encoder_input_tokens", "decoder_input_tokens") if k in batch)
                 state, metrics = step_fn(state, batch)
-                window["steps"] += 1
+                if step == start + 1:  # the first step compiles: throughput is timed from its end
+                    jax.block_until_ready(state)
+                    window.update(time=time.perf_counter(), steps=0)
+                else:
+                    window["steps"] += 1
                 record = {}
                 last = step == config.num_train_steps
                 logging_step = step % config.log_every_steps == 0 or last
@@ -135,7 +139,7 @@ def train(config, workdir: str) -> dict:
                     elapsed = time.perf_counter() - window["time"]
                     total["time"] += elapsed
                     total["steps"] += window["steps"]
-                    tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9)
+                    tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9) if window["steps"] else 0.0
                     scalars = writer.write(step, "train", metrics, extra={"tokens_per_sec": tps}, record=record)
                     progress.update(task, info=f"loss {scalars['train/loss']:.3f} | {tps:,.0f} tok/s")
                     summary.update({"train/loss": scalars["train/loss"], "tokens_per_sec": tps,

@@ -32,7 +32,8 @@ def layer_metrics(metrics: dict[str, Any], moe_every: dict[str, int]) -> tuple[d
             prefix = f"moe/{stack}/layer{unit * period + period - 1}"
             if name in PER_EXPERT:
                 per_expert[f"{prefix}/{name}"] = row
-                scalars[f"{prefix}/max_mean_{name}"] = float(row.max() / max(row.mean(), 1e-9))
+                if name == "tokens_per_expert":  # load after capacity (max_mean_load is before)
+                    scalars[f"{prefix}/max_mean_kept_load"] = float(row.max() / max(row.mean(), 1e-9))
             elif row.ndim == 0:
                 scalars[f"{prefix}/{name}"] = float(row)
             else:  # per choice rank

@@ -33,7 +33,7 @@ class MoEConfig:
     capacity_rounding: str = "ceil"
     min_capacity: int = 1  # Flaxformer uses 4
     capacity_multiple_of: int = 1
-    group_size: int = 0  # tokens per routing group; 0 means one group per sequence
+    group_size: int = 0  # most tokens per routing group (see MoELayer.group_shape); 0: one sequence
     # Fill order of expert buffers (see routing/capacity.py).
     order: str = "rank_major"
     batch_prioritized: bool = False  # V-MoE BPR: non-causal

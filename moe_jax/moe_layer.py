@@ -50,11 +50,15 @@ class MoELayer(nnx.Module):
         self.deterministic = False
 
     def group_shape(self, batch: int, length: int) -> tuple[int, int]:
-        """(G, S) for a [batch, length] input."""
-        S = self.cfg.group_size or length
-        if (batch * length) % S:
-            raise ValueError(f"moe.group_size={S} must divide the number of tokens per batch "
-                             f"({batch} x {length} = {batch * length})")
+        """(G, S) for a [batch, length] input; moe.group_size is the largest S allowed (Flaxformer's
+        max_group_size), 0 meaning one sequence. Groups hold whole sequences when several fit
+        (S = j * length, j dividing batch), else an equal share of one sequence (S dividing length)."""
+        limit = self.cfg.group_size or length
+        if limit >= length:
+            j = max(j for j in range(1, batch + 1) if batch % j == 0 and j * length <= limit)
+            S = j * length
+        else:
+            S = max(s for s in range(1, limit + 1) if length % s == 0)
         return batch * length // S, S
 
     def capacity(self, group_size: int) -> int | None:

@@ -212,12 +212,11 @@ def test_active_experts_per_router():
 
 
 def test_sequence_lengths():
-    assert accounting.span_corruption_targets_length(512, 0.15, 3.0) == 114  # T5's 512 inputs / 114 targets
-    assert accounting.sequence_lengths(load("t5_base.py")) == (512, 114)
+    assert accounting.sequence_lengths(load("t5_base.py")) == (512, 114)  # T5's 512 inputs / 114 targets
     assert accounting.sequence_lengths(load("mixtral_8x7b.py")) == (0, 4096)
     config = load("switch_tiny.py")
     config.data.objective = "lm"
-    with pytest.raises(accounting.AccountingError, match="target_seq_len"):
+    with pytest.raises(ValueError, match="data.objective='lm' needs model.kind='decoder'"):
         accounting.sequence_lengths(config)
     with pytest.raises(accounting.AccountingError, match="inputs_length"):
         accounting.account(small(), 0, 5)

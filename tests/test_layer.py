@@ -187,10 +187,19 @@ def test_bad_routing_inputs():
         routing.compute_capacity(16, 8, 1, 0.01, rounding="floor", min_capacity=0)
     with pytest.raises(ValueError, match="needs k=2 and an rng"):
         routing.tokens_choose(logits, k=2, capacity=2, second_choice="random")
-    layer = make(group_size=5)
-    with pytest.raises(ValueError, match="moe.group_size=5 must divide"):
-        layer(x_batch())
+    layer = make()
     with pytest.raises(ValueError, match=r"input must have shape \[B, L, 8\]"):
         layer(jnp.zeros((2, 8, 3)))
     with pytest.raises(ValueError, match="dispatch must be one of"):
         dispatch.get("scatter")
+
+
+def test_group_size_is_a_maximum():
+    """Flaxformer's max_group_size: the largest group that tiles the batch, never across a
+    sequence boundary unless whole sequences fit."""
+    assert make().group_shape(4, 10) == (4, 10)  # 0: one sequence per group
+    assert make(group_size=512).group_shape(128, 114) == (32, 456)  # Switch-Base targets: 4 sequences a group
+    assert make(group_size=512).group_shape(128, 512) == (128, 512)
+    assert make(group_size=25).group_shape(4, 10) == (2, 20)  # two whole sequences
+    assert make(group_size=30).group_shape(4, 10) == (2, 20)  # 3 does not divide the batch of 4
+    assert make(group_size=4).group_shape(4, 10) == (20, 2)  # the largest divisor of 10 that is <= 4

@@ -1,0 +1,85 @@
+"""Checks the data fields of a config before anything expensive runs, and derives the lengths.
+
+Every error is a ValueError that names the config field (`data.objective`, `batch_size`, ...) and
+what it accepts. Target length for span corruption follows T5's random_spans_helper (Raffel et
+al. 2020): with `target_seq_len = 0`, 512 encoder tokens at noise density 0.15 and mean span 3
+give 114 decoder tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from moe_jax.data import objectives
+
+OBJECTIVES = {"lm": "decoder", "span_corruption": "encoder_decoder"}  # objective -> model.kind
+# TFDS names: name[/config][:version], e.g. c4/en:3.1.0, lm1b, wiki40b/en.
+TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+\.[0-9*]+\.[0-9*]+)?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What the pipeline builds, derived from a validated config."""
+    objective: str
+    inputs_len: int  # encoder length (span corruption) or 0
+    targets_len: int  # decoder length
+    raw_len: int  # raw tokens per example before corruption (lm: = targets_len)
+    per_host_batch: int
+
+
+def _int(field: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def plan(config, process_count: int = 1) -> Plan:
+    """Validates `config`'s data-related fields; returns the derived lengths."""
+    d = config.data
+    if d.dataset != "default" and not TFDS_NAME.fullmatch(d.dataset):
+        raise ValueError(f"data.dataset must be 'default' (the offline stdlib corpus) or a TFDS name such as "
+                         f"'c4/en:3.1.0', 'lm1b', 'wiki40b/en'; got {d.dataset!r}")
+    if d.objective not in OBJECTIVES:
+        raise ValueError(f"data.objective must be one of {tuple(OBJECTIVES)}, got {d.objective!r}")
+    if OBJECTIVES[d.objective] != config.model.kind:
+        allowed = [o for o, kind in OBJECTIVES.items() if kind == config.model.kind]
+        raise ValueError(f"data.objective={d.objective!r} needs model.kind={OBJECTIVES[d.objective]!r}; "
+                         f"model.kind={config.model.kind!r} trains with data.objective in {allowed}")
+    for field in ("text_key", "train_split", "eval_split"):
+        if not isinstance(d[field], str) or not d[field]:
+            raise ValueError(f"data.{field} must be a non-empty string, got {d[field]!r}")
+    for field in ("data_dir", "tokenizer"):
+        if not isinstance(d[field], str):
+            raise ValueError(f"data.{field} must be a string ('' for the default), got {d[field]!r}")
+    if not isinstance(d.packing, bool):
+        raise ValueError(f"data.packing must be True or False, got {d.packing!r}")
+    _int("data.num_workers", d.num_workers, 0)
+    _int("data.corpus_max_files", d.corpus_max_files, 0)
+    _int("data.spm_vocab_size", d.spm_vocab_size, 260)  # 256 byte pieces + pad, eos, unk, newline
+    _int("data.extra_ids", d.extra_ids, 0)
+    _int("num_eval_steps", config.num_eval_steps, 0)
+    _int("process_count", process_count, 1)
+    batch_size = _int("batch_size", config.batch_size, 1)
+    if batch_size % process_count:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts ({process_count}): "
+                         "each host loads batch_size // process_count rows")
+    seq_len = _int("seq_len", config.seq_len, 2)
+    if d.objective == "lm":
+        return Plan("lm", 0, seq_len, seq_len, batch_size // process_count)
+
+    if not 0 < d.noise_density < 1:
+        raise ValueError(f"data.noise_density must be in (0, 1), got {d.noise_density!r}")
+    if not d.mean_noise_span_length >= 1:
+        raise ValueError(f"data.mean_noise_span_length must be >= 1, got {d.mean_noise_span_length!r}")
+    noise = (d.noise_density, d.mean_noise_span_length)
+    needed = objectives.t5_targets_length(seq_len, *noise)
+    targets_len = _int("target_seq_len", config.target_seq_len, 0) or needed
+    if targets_len < needed:
+        raise ValueError(f"target_seq_len={targets_len} is too short for seq_len={seq_len} at data.noise_density="
+                         f"{d.noise_density}: span corruption needs >= {needed} (0 derives it)")
+    raw_len = objectives.raw_length(seq_len, targets_len, *noise)
+    max_spans = max(objectives.noise_counts(n, *noise)[1] for n in range(1, raw_len + 1))
+    if max_spans > d.extra_ids:
+        raise ValueError(f"data.extra_ids={d.extra_ids} is too few: span corruption of seq_len={seq_len} uses up "
+                         f"to {max_spans} sentinels")
+    return Plan("span_corruption", seq_len, targets_len, raw_len, batch_size // process_count)
