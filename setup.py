@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=9.0,<10", "hypothesis>=6.150,<7"],
+    # libtpu for Cloud TPU, and for compiling TPU programs on a CPU machine (moe_jax.aot).
+    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
 }
 
 setup(

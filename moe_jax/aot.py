@@ -82,7 +82,9 @@ def compile_check(config, topology: str) -> dict:
     from jax.experimental import topologies  # noqa: PLC0415
 
     try:
-        devices = topologies.get_topology_desc(topology_name=topo_name, platform="tpu").devices
+        # A single-chip slice is its own host (libtpu's default host is 2x2 chips).
+        host = {"chips_per_host_bounds": (1, 1, 1)} if chips == 1 else {}
+        devices = topologies.get_topology_desc(topology_name=topo_name, platform="tpu", **host).devices
     except Exception as e:  # libtpu missing or refusing the name: say what to do
         raise TopologyError(f"cannot describe TPU topology {topo_name!r}: {e}. Install libtpu with "
                             "`pip install -e .[tpu]`.") from None
@@ -91,13 +93,25 @@ def compile_check(config, topology: str) -> dict:
     trainer = Trainer(config, model_cfg, mesh=mesh)
     state = trainer.abstract_sharded_state()
     batch = abstract_batch(trainer, config)
+    hbm_per_device = hbm_per_chip * chips * GIB / len(devices)
+    refused = {"topology": f"{topology} ({topo_name}, {len(devices)} devices)", "mesh": dict(mesh.shape),
+               "fits": False, "params_bytes": per_device_bytes(state.params),
+               "opt_state_bytes": per_device_bytes(state.opt_state), "hbm_bytes": hbm_per_device}
+    if refused["params_bytes"] + refused["opt_state_bytes"] > hbm_per_device:
+        # Hopeless before compiling: the state alone overflows a device.
+        return {**refused, "reason": "parameters and optimizer state alone exceed a device's HBM"}
     start = time.perf_counter()
-    compiled = trainer.jit_train_step().lower(state, batch).compile()
+    try:
+        compiled = trainer.jit_train_step().lower(state, batch).compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # The TPU compiler refuses programs that cannot fit; report it as a failed check.
+        return {**refused, "reason": "the TPU compiler refused the step: " + str(e).split("\n")[0]}
     seconds = time.perf_counter() - start
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    hbm_per_device = hbm_per_chip * chips * GIB / len(devices)
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes \
         + mem.generated_code_size_in_bytes
     return {
@@ -117,6 +131,11 @@ def compile_check(config, topology: str) -> dict:
 def format_report(r: dict) -> str:
     def gib(b):
         return f"{b / GIB:8.3f} GiB" if b >= GIB / 10 else f"{b / 1024 ** 2:8.3f} MiB"
+
+    if "reason" in r:
+        return (f"train step for {r['topology']}, mesh {r['mesh']}: {r['reason']}\n"
+                f"per device: parameters {gib(r['params_bytes'])}, optimizer state {gib(r['opt_state_bytes'])}, "
+                f"HBM {gib(r['hbm_bytes'])}")
     lines = [f"train step compiled for {r['topology']} in {r['compile_seconds']:.1f} s, mesh {r['mesh']}",
              "per device:",
              f"  parameters        {gib(r['params_bytes'])}",
@@ -142,9 +161,10 @@ def main(argv):
     report = compile_check(_FLAGS.config, _FLAGS.topology)
     print(format_report(report))
     if not report["fits"]:
-        over = (report["peak_bytes"] - report["hbm_bytes"]) / GIB
-        sys.exit(f"error: the step needs {over:.2f} GiB more than a device's HBM: shard more (config.mesh_shape), "
-                 "lower config.batch_size, raise config.grad_accum_steps, or set config.model.remat=True")
+        over = ("" if "peak_bytes" not in report
+                else f" needs {(report['peak_bytes'] - report['hbm_bytes']) / GIB:.2f} GiB more than a device's HBM and")
+        sys.exit(f"error: the step{over} does not fit: shard more (config.mesh_shape), lower config.batch_size, "
+                 "raise config.grad_accum_steps, or set config.model.remat=True")
 
 
 def run() -> None:

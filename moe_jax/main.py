@@ -38,6 +38,8 @@ flags.DEFINE_multi_string("prompt", [], "infer: a prompt to continue (repeat the
 flags.DEFINE_integer("max_new_tokens", 32, "infer: tokens to generate per prompt.")
 flags.DEFINE_float("temperature", 0.0, "infer: sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "infer: nucleus sampling mass.")
+flags.DEFINE_bool("multihost", False, "Run on every worker of a multi-host slice: call jax.distributed.initialize() "
+                  "first (on Cloud TPU it finds the coordinator and the other hosts itself).")
 
 console = Console(stderr=True)
 
@@ -80,15 +82,16 @@ class Run:
         """(state, data iterator state or None, step) from the latest checkpoint, or fresh."""
         step = self.checkpointer.latest_step()
         if step is None:
-            return jax.jit(self.trainer.init_state, static_argnums=0)(self.config.seed), None, 0
-        state, data_state = self.checkpointer.restore(step, self.trainer.abstract_state())
+            return self.trainer.create_state(self.config.seed), None, 0
+        # Restored straight into this run's shards, whatever mesh wrote the checkpoint.
+        state, data_state = self.checkpointer.restore(step, self.trainer.abstract_sharded_state())
         return state, data_state, step
 
     def evaluate(self, state, eval_fn) -> dict:
         sums, n = None, 0
         for batch in data.eval_batches(self.config, self.tokenizer, process_index=jax.process_index(),
                                        process_count=jax.process_count()):
-            out = jax.device_get(eval_fn(state, batch))
+            out = jax.device_get(eval_fn(state, self.trainer.shard_batch(batch)))
             sums = out if sums is None else jax.tree.map(np.add, sums, out)
             n += 1
         return {k: np.asarray(v) for k, v in summarize_eval(sums, n).items()}
@@ -102,8 +105,8 @@ def train(config, workdir: str) -> dict:
                                      process_count=jax.process_count())
     if data_state is not None:
         train_iter.set_state(data_state)
-    step_fn = jax.jit(run.trainer.train_step, donate_argnums=0)
-    eval_fn = jax.jit(run.trainer.eval_step)
+    step_fn = run.trainer.jit_train_step()
+    eval_fn = run.trainer.jit_eval_step()
     writer = MetricsWriter(workdir, enabled=run.is_writer, moe_every=run.moe_every)
     stop = {"sigterm": False}
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
@@ -118,10 +121,10 @@ def train(config, workdir: str) -> dict:
                       TimeRemainingColumn(), console=console, disable=not run.is_writer) as progress:
             task = progress.add_task("train", total=config.num_train_steps, completed=start, info="")
             for step in range(start + 1, config.num_train_steps + 1):
-                batch = next(train_iter)
+                local = next(train_iter)  # this host's rows of the global batch
                 tokens_per_step = tokens_per_step or jax.process_count() * sum(
-                    np.size(batch[k]) for k in ("encoder_input_tokens", "decoder_input_tokens") if k in batch)
-                state, metrics = step_fn(state, batch)
+                    np.size(local[k]) for k in ("encoder_input_tokens", "decoder_input_tokens") if k in local)
+                state, metrics = step_fn(state, run.trainer.shard_batch(local))
                 if step == start + 1:  # the first step compiles: throughput is timed from its end
                     jax.block_until_ready(state)
                     window.update(time=time.perf_counter(), steps=0)
@@ -190,7 +193,7 @@ def evaluate_only(config, workdir: str) -> dict:
     if step is None:
         raise configuration.ConfigError(f"--mode=eval needs a checkpoint in {workdir}: train first")
     state, _, _ = run.restore_or_init()
-    result = run.evaluate(state, jax.jit(run.trainer.eval_step))
+    result = run.evaluate(state, run.trainer.jit_eval_step())
     run.checkpointer.close()
     return {"step": step, **{k: float(np.mean(v)) for k, v in result.items()}}
 
@@ -233,6 +236,9 @@ def main(argv):
         raise app.UsageError("--config=configs/<experiment>.py and --workdir=<dir> are required")
     config = _FLAGS.config
     logging.set_verbosity(logging.WARNING)
+    if _FLAGS.multihost:
+        jax.distributed.initialize()
+    console.quiet = jax.process_index() != 0  # one host speaks for the job
     if _FLAGS.mode == "train":
         summary = train(config, _FLAGS.workdir)
         print_summary(summary)

@@ -109,6 +109,17 @@ class Trainer:
         return jax.jit(self._under_mesh(self.train_step), in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
+    def jit_loss_and_grads(self):
+        """(loss, gradients) of one batch taken as a single micro-batch, sharded like the state: for
+        checks and debugging (the train step's objective when grad_accum_steps is 1)."""
+        def loss_and_grads(state, batch):
+            total_weight = jnp.maximum(jnp.sum(batch["decoder_loss_weights"]), 1.0)
+            (loss, _), grads = jax.value_and_grad(self._micro_loss, has_aux=True)(
+                state.params, state.rest, batch, total_weight)
+            return loss, grads
+        return jax.jit(self._under_mesh(loss_and_grads), in_shardings=(self.state_sharding, self.batch_sharding),
+                       out_shardings=(self.replicated, self.state_sharding.params))
+
     def jit_eval_step(self):
         return jax.jit(self._under_mesh(self.eval_step), in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=self.replicated)
