@@ -22,7 +22,8 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     "test": ["pytest>=9.0,<10", "hypothesis>=6.150,<7"],
     # libtpu for Cloud TPU, and for compiling TPU programs on a CPU machine (moe_jax.aot).
-    "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    # gcsfs lets TFDS and the tokenizer read gs:// paths without TensorFlow (Orbax writes gs:// itself).
+    "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2026.10,<2027"],
 }
 
 setup(

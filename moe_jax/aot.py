@@ -76,6 +76,16 @@ def per_device_bytes(abstract_tree) -> int:
     return total
 
 
+COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
+
+
+def collective_counts(hlo_text: str) -> dict[str, int]:
+    """How many of each cross-device operation the compiled program holds (async pairs counted once):
+    expert parallelism shows up as all-to-all, the batch's gradients as all-reduce/reduce-scatter."""
+    ops = re.findall(r" (" + "|".join(COLLECTIVES) + r")(?:-start)?\(", hlo_text)
+    return {op: ops.count(op) for op in COLLECTIVES if op in ops}
+
+
 def compile_check(config, topology: str) -> dict:
     """Compile config's train step for `topology`; returns the memory and cost report."""
     topo_name, chips, hbm_per_chip = parse_accelerator_type(topology)
@@ -112,6 +122,7 @@ def compile_check(config, topology: str) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    collectives = collective_counts(compiled.as_text())
     peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes \
         + mem.generated_code_size_in_bytes
     return {
@@ -124,7 +135,7 @@ def compile_check(config, topology: str) -> dict:
         "peak_bytes": peak, "hbm_bytes": hbm_per_device,
         "flops_per_device": float(cost.get("flops", float("nan"))),
         "bytes_accessed_per_device": float(cost.get("bytes accessed", float("nan"))),
-        "fits": peak <= hbm_per_device,
+        "collectives": collectives, "fits": peak <= hbm_per_device,
     }
 
 
@@ -146,7 +157,8 @@ def format_report(r: dict) -> str:
              f"  peak (args + outputs - donated + temps + code) {gib(r['peak_bytes'])} of {gib(r['hbm_bytes'])} HBM "
              f"({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%)",
              f"compiler cost estimate per device: {r['flops_per_device'] / 1e12:.3f} TFLOPs, "
-             f"{r['bytes_accessed_per_device'] / GIB:.2f} GiB accessed per step"]
+             f"{r['bytes_accessed_per_device'] / GIB:.2f} GiB accessed per step",
+             "collectives in the step: " + (", ".join(f"{op} x{n}" for op, n in r["collectives"].items()) or "none")]
     return "\n".join(lines)
 
 

@@ -212,7 +212,9 @@ def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temp
 
     model = nnx.merge(run.trainer.eval_graphdef, state.params, state.rest)
     tok = run.tokenizer
-    encoded = [tok.encode(p) + ([tok.eos_id] if run.model_cfg.kind == "encoder_decoder" else []) for p in prompts]
+    # An encoder-decoder trained on span corruption fills the prompt's <extra_id_N> spans.
+    encoded = [tok.encode(p, sentinels=True) + ([tok.eos_id] if run.model_cfg.kind == "encoder_decoder" else [])
+               for p in prompts]
     width = max(len(e) for e in encoded)
     # Decoder-only prompts are left-padded (see moe_jax.models.decoding); encoder inputs right-padded.
     left = run.model_cfg.kind == "decoder"

@@ -41,8 +41,21 @@ class Tokenizer:
         self.base_vocab_size = self._sp.vocab_size()
         self.vocab_size = self.base_vocab_size + extra_ids  # what the model's embedding must cover
 
-    def encode(self, text: str) -> list[int]:
-        return self._sp.encode(text)
+    def encode(self, text: str, *, sentinels: bool = False) -> list[int]:
+        """Ids of `text`; with sentinels=True, `<extra_id_N>` in the text becomes sentinel N (how a
+        prompt asks a span-corruption model to fill a span)."""
+        if not sentinels:
+            return self._sp.encode(text)
+        ids = []
+        for i, part in enumerate(re.split(r"<extra_id_(\d+)>", text)):
+            if i % 2 == 0:
+                ids += self._sp.encode(part) if part else []
+            elif int(part) < self.extra_ids:
+                ids.append(self.sentinel(int(part)))
+            else:
+                raise ValueError(f"<extra_id_{part}> is past the tokenizer's {self.extra_ids} sentinels "
+                                 "(config.data.extra_ids)")
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids` up to the first eos; pads dropped, sentinels written `<extra_id_N>` and ids
