@@ -42,7 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
         num_experts=8, k=1, router="top_k", d_ff=512, activation="relu", train_capacity_factor=1.25,
         eval_capacity_factor=2.0, capacity_formula="assignments", capacity_rounding="ceil", min_capacity=1,
         capacity_multiple_of=1, group_size=0, order="rank_major", batch_prioritized=False, renormalize=False,
-        second_choice="all", router_init_scale=0.1, jitter_eps=0.0, bias_update_rate=0.0, num_expert_groups=1,
+        second_choice="all", router_dtype="float32", router_init_scale=0.1, jitter_eps=0.0, bias_update_rate=0.0, num_expert_groups=1,
         k_groups=1, soft_slots_per_expert=1, dispatch="auto", expert_dropout=0.0, num_shared_experts=0))
 
     config.data = ml_collections.ConfigDict(dict(

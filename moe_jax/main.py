@@ -143,7 +143,9 @@ def train(config, workdir: str) -> dict:
                     total["time"] += elapsed
                     total["steps"] += window["steps"]
                     tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9) if window["steps"] else 0.0
-                    scalars = writer.write(step, "train", metrics, extra={"tokens_per_sec": tps}, record=record)
+                    # seconds: training time since the first (compiling) step, evaluation excluded
+                    scalars = writer.write(step, "train", metrics, extra={"tokens_per_sec": tps,
+                                                                          "seconds": total["time"]}, record=record)
                     progress.update(task, info=f"loss {scalars['train/loss']:.3f} | {tps:,.0f} tok/s")
                     summary.update({"train/loss": scalars["train/loss"], "tokens_per_sec": tps,
                                     "dropped_fraction": _mean_dropped(metrics)})

@@ -15,6 +15,7 @@ from moe_jax.routing.token_choice import SECOND_CHOICE_POLICIES
 
 ROUTERS = ("top_k", "expert_choice", "soft", "dense", "hierarchical", "noisy_top_k")
 DISPATCHES = ("auto", "einsum", "index", "dropless")
+ROUTER_DTYPES = ("float32", "bfloat16")
 # Routers that look at the whole group when they decide: never in a causal (decoder) layer.
 GROUP_WIDE_ROUTERS = ("expert_choice", "soft")
 
@@ -40,6 +41,7 @@ class MoEConfig:
     renormalize: bool = False  # divide the k weights by their sum (GShard, Mixtral) or not (Switch, V-MoE)
     second_choice: str = "all"  # 'random': GShard's stochastic second expert (k=2)
     # Router.
+    router_dtype: str = "float32"  # 'bfloat16': Switch Table 2's unstable low-precision router (ablations only)
     router_init_scale: float = 0.1  # truncated normal, std sqrt(scale / d_model) (Switch Table 3)
     jitter_eps: float = 0.0  # multiply router inputs by U[1-eps, 1+eps] in training (Switch)
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
@@ -69,6 +71,7 @@ class MoEConfig:
         choice("order", FILL_ORDERS)
         choice("second_choice", SECOND_CHOICE_POLICIES)
         choice("dispatch", DISPATCHES)
+        choice("router_dtype", ROUTER_DTYPES)
         for field, low in (("num_experts", 1), ("k", 1), ("d_ff", 1), ("min_capacity", 0),
                            ("capacity_multiple_of", 1), ("group_size", 0), ("num_expert_groups", 1),
                            ("k_groups", 1), ("soft_slots_per_expert", 1), ("num_shared_experts", 0)):

@@ -1,8 +1,8 @@
-"""The router module: parameters that score tokens against experts, always in float32.
+"""The router module: parameters that score tokens against experts, in float32.
 
 Switch (Fedus et al. 2021, Table 2) found a bfloat16 router unstable and a float32 router inside
 a bfloat16 model stable: the kernel is float32 and the input is cast to float32, whatever the
-model's dtype. Init: truncated normal with std sqrt(scale / d_model), scale 0.1 (Switch Table 3).
+model's dtype (moe.router_dtype='bfloat16' rounds the router matmul, for that ablation only). Init: truncated normal with std sqrt(scale / d_model), scale 0.1 (Switch Table 3).
 Training-only input jitter (Switch) multiplies router inputs by U[1-eps, 1+eps]. The routing
 decision itself is made by the pure functions in moe_jax.routing.
 """
@@ -58,7 +58,10 @@ class Router(nnx.Module):
             phi = self.kernel[...] / jnp.linalg.norm(self.kernel[...], axis=0, keepdims=True)  # [D, E, P]
             xn = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)  # [G, S, D]
             return routing.soft_route(self.scale[...] * jnp.einsum("gsd,dep->gsep", xn, phi))
-        logits = jnp.einsum("gsd,de->gse", x, self.kernel[...])  # [G, S, E]
+        if cfg.router_dtype == "bfloat16":  # input, kernel and logits rounded to bfloat16 (Switch Table 2)
+            logits = jnp.einsum("gsd,de->gse", x.astype(jnp.bfloat16), self.kernel[...].astype(jnp.bfloat16))
+        else:
+            logits = jnp.einsum("gsd,de->gse", x, self.kernel[...])  # [G, S, E]
         opts = dict(order=cfg.order, batch_prioritized=cfg.batch_prioritized)
         if cfg.router == "top_k":
             bias = self.balance_bias[...] if cfg.bias_update_rate > 0 else None

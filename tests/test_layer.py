@@ -48,6 +48,16 @@ def test_router_runs_in_float32_inside_a_bfloat16_layer():
         assert eqn.outvars[0].aval.dtype == jnp.float32
 
 
+def test_bfloat16_router_option_rounds_the_router_matmul():
+    """moe.router_dtype='bfloat16' is Switch Table 2's ablation: only then is the router matmul bfloat16."""
+    layer = make(k=1, router_dtype="bfloat16")
+    assert layer.router.kernel[...].dtype == jnp.float32  # the parameter stays float32
+    dots = router_dots(lambda x: layer(x)[0], x_batch())
+    assert dots and all(eqn.outvars[0].aval.dtype == jnp.bfloat16 for eqn in dots)
+    with pytest.raises(ValueError, match="moe.router_dtype must be one of"):
+        make(router_dtype="float16")
+
+
 def test_train_and_eval_capacity_factors():
     layer = make(train_capacity_factor=1.0, eval_capacity_factor=2.0, k=1)
     assert layer.capacity(16) == 4
