@@ -23,6 +23,8 @@ EXTRAS = {
     "test": ["pytest>=9.0,<10", "hypothesis>=6.150,<7"],
     # libtpu for Cloud TPU, and for compiling TPU programs on a CPU machine (moe_jax.aot).
     # gcsfs lets TFDS and the tokenizer read gs:// paths without TensorFlow (Orbax writes gs:// itself).
+    # experiments' plots and the notebooks, executed in CI with nbmake.
+    "notebooks": ["matplotlib>=3.8,<4", "nbmake>=1.5,<2", "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
     "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2026.10,<2027"],
 }
 

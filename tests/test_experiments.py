@@ -1,0 +1,50 @@
+"""The experiments' run lists are valid configs, and the runner reads a run's metrics.jsonl into
+the figures the reports use."""
+import importlib
+import json
+
+import pytest
+
+from moe_jax import configuration
+from experiments import routers, runner, scaling_experts, stability, top1_vs_top2
+
+configuration.make_configs_importable(["x", "--config=configs/switch_tiny.py"])
+
+
+def apply(config, overrides):
+    for key, value in overrides.items():
+        *path, last = key.split(".")
+        node = config
+        for p in path:
+            node = node[p]
+        node[last] = value
+    return config
+
+
+@pytest.mark.parametrize("experiment", [scaling_experts, top1_vs_top2, stability, routers],
+                         ids=lambda m: m.NAME)
+def test_every_run_of_an_experiment_is_a_valid_config(experiment):
+    runs = experiment.runs()
+    assert len({r.name for r in runs}) == len(runs)
+    for run in runs:
+        config = importlib.import_module("configs." + run.config.removesuffix(".py")).get_config()
+        apply(config, {**runner.common_overrides(200, 50), **run.overrides})
+        configuration.validate(config)  # raises, naming the field, on any bad override
+
+
+def test_collect_reads_curves_and_final_figures(tmp_path):
+    lines = [{"step": 10, "train/loss": 5.0, "train/seconds": 0.0, "train/tokens_per_sec": 0.0,
+              "train/moe/encoder/layer1/dropped_fraction": 0.2, "train/moe/decoder/layer1/dropped_fraction": 0.4,
+              "train/moe/encoder/layer1/max_mean_load": 1.5},
+             {"step": 20, "train/loss": 4.0, "train/seconds": 19.0, "train/tokens_per_sec": 100.0,
+              "train/moe/encoder/layer1/dropped_fraction": 0.1, "train/moe/decoder/layer1/dropped_fraction": 0.3,
+              "train/moe/encoder/layer1/max_mean_load": 1.25,
+              "eval/loss": 3.5, "eval/accuracy": 0.25, "eval/moe/encoder/layer1/dropped_fraction": 0.05}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run = runner.Run("r", "switch_tiny.py", {"batch_size": 8})
+    r = runner.collect(run, tmp_path, {"num_train_steps": 20}, "", 30.0)
+    assert r["eval"] == [[20, 3.5, 0.25]] and r["final_eval_loss"] == 3.5
+    assert r["examples_per_sec"] == pytest.approx(8 * 19 / 19.0)
+    assert r["tokens_per_sec"] == 100.0
+    assert r["dropped_fraction"] == pytest.approx(0.2)  # last quarter of logs = the last record: (0.1 + 0.3) / 2
+    assert r["max_mean_load"] == pytest.approx(1.25) and r["eval_dropped_fraction"] == pytest.approx(0.05)
