@@ -140,5 +140,7 @@ class Checkpointer:
         return _data_to_keys(restored["state"], abstract_state), hosts[jax.process_index()]
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait()  # a failed asynchronous save is a CheckpointError here too
+        finally:
+            self.manager.close()

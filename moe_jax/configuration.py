@@ -10,7 +10,9 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 import sys
+import traceback
 from collections.abc import Sequence
 
 import ml_collections
@@ -59,12 +61,79 @@ def load(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except SyntaxError as e:
-        raise ConfigError(f"config file {file_path!r} is not valid Python (line {e.lineno}: {e.msg}); "
+    except SyntaxError as e:  # in this file, or in one it imports (configs/base.py)
+        raise ConfigError(f"config file {e.filename or file_path!r} is not valid Python (line {e.lineno}: {e.msg}); "
                           "is it truncated or corrupted?") from None
-    if not hasattr(module, "get_config"):
+    except Exception as e:  # noqa: BLE001 (whatever the file's own code raises, said in one line)
+        raise ConfigError(f"config file {file_path!r} failed to load{_line_in(e, file_path)}: "
+                          f"{type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
         raise ConfigError(f"config file {file_path!r} defines no get_config(): it must return a ConfigDict")
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception as e:  # noqa: BLE001
+        call = f"get_config({arg!r})" if arg else "get_config()"
+        raise ConfigError(f"{call} of config file {file_path!r} failed{_line_in(e, file_path)}: "
+                          f"{type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"get_config() of config file {file_path!r} returned {type(config).__name__}, not an "
+                          "ml_collections.ConfigDict: start from configs/base.py")
+    return config
+
+
+def _line_in(error: BaseException, file_path: str) -> str:
+    """' (line N)' of the innermost frame of `error`'s traceback in `file_path`, or ''."""
+    here = os.path.abspath(file_path)
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == here]
+    return f" (line {lines[-1]})" if lines else ""
+
+
+def _config_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
+    """(argument, dotted field) of every --config.<field>[=value] (or --noconfig.<field>) in argv."""
+    out = []
+    for arg in argv:
+        match = re.match(r"--?(no)?config\.([^=]*)", arg)
+        if match:
+            out.append((arg, match.group(2)))
+    return out
+
+
+def check_command_line(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+    """The config that `--config=<file>[:arg] --config.<field>=<value> ...` in argv gives, or None
+    without --config, checked the way the command line will be parsed, so that a missing or broken
+    file, an unknown field or a value of the wrong type is a ConfigError naming it (not a
+    traceback from inside ml_collections or absl). The fields' values are checked by validate()."""
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    make_configs_importable(argv)
+    paths = _config_paths(argv)
+    if not paths:
+        return None
+    config = load(paths[-1])
+    for arg, field in _config_overrides(argv):
+        node, parts = config, field.split(".")
+        for depth, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                parent = ".".join(["config", *parts[:depth]])
+                known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(part, known, 1)
+                hint = (f" (did you mean {parent}.{close[0]}?)" if close else
+                        f"; its fields are {known}" if known else f"; {parent} is not a section")
+                raise ConfigError(f"{arg}: unknown config field {'.'.join(['config', *parts[:depth + 1]])}"
+                                  f"{hint}")
+            node = node[part]
+    # Parse the overrides as absl will, into a throwaway FlagValues: wrong types are named here.
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
+                                    sys_argv=list(argv))
+    try:
+        flag_values(list(argv), known_only=True)
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ConfigError(f"cannot apply the --config overrides: {type(e).__name__}: {e}") from None
+    return flag_values.config
 
 
 # The top-level fields every config has (configs/base.py sets their defaults) and their types.

@@ -9,7 +9,9 @@ latest checkpoint in the workdir; SIGTERM (a Cloud TPU preemption) saves a check
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
 import sys
 import time
@@ -67,16 +69,18 @@ class Run:
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
         self.model_cfg = configuration.validate(config)
+        self.trainer = Trainer(config, self.model_cfg)  # the mesh's checks too, before the slow tokenizer
         self.tokenizer = data.get_tokenizer(config)
         self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
         self.checkpointer.check_compatible(config)
-        self.trainer = Trainer(config, self.model_cfg)
         self.moe_every = {}
         if self.model_cfg.kind == "encoder_decoder" and self.model_cfg.encoder_moe_every:
             self.moe_every["encoder"] = self.model_cfg.encoder_moe_every
         if self.model_cfg.decoder_moe_every:
             self.moe_every["decoder"] = self.model_cfg.decoder_moe_every
         self.is_writer = jax.process_index() == 0
+        self.params_finite = jax.jit(lambda params: jnp.all(jnp.stack(
+            [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])))
 
     def restore_or_init(self):
         """(state, data iterator state or None, step) from the latest checkpoint, or fresh."""
@@ -99,6 +103,17 @@ class Run:
 
 def train(config, workdir: str) -> dict:
     """Train (and periodically evaluate) to config.num_train_steps; returns the closing summary."""
+    stop = {"sigterm": False}
+    # Installed before anything slow: a preemption while the run starts (restoring, compiling) ends it
+    # cleanly too.
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    try:
+        return _train(config, workdir, stop)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _train(config, workdir: str, stop: dict) -> dict:
     run = Run(config, workdir)
     state, data_state, start = run.restore_or_init()
     train_iter = data.train_iterator(config, run.tokenizer, process_index=jax.process_index(),
@@ -108,8 +123,8 @@ def train(config, workdir: str) -> dict:
     step_fn = run.trainer.jit_train_step()
     eval_fn = run.trainer.jit_eval_step()
     writer = MetricsWriter(workdir, enabled=run.is_writer, moe_every=run.moe_every)
-    stop = {"sigterm": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    if run.is_writer:
+        _truncate_metrics(writer.path, start)
     tokens_per_step = 0  # token positions per step, both stacks, padding included; set from the first batch
     summary = {"start_step": start, "final_step": start}
     if start:
@@ -120,11 +135,18 @@ def train(config, workdir: str) -> dict:
         with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                       TimeRemainingColumn(), console=console, disable=not run.is_writer) as progress:
             task = progress.add_task("train", total=config.num_train_steps, completed=start, info="")
+            pending = None  # (step, metrics) not yet checked for divergence
             for step in range(start + 1, config.num_train_steps + 1):
+                if stop["sigterm"] and step == start + 1:
+                    console.print("SIGTERM before the first step: nothing new to save; exiting")
+                    break
                 local = next(train_iter)  # this host's rows of the global batch
                 tokens_per_step = tokens_per_step or jax.process_count() * sum(
                     np.size(local[k]) for k in ("encoder_input_tokens", "decoder_input_tokens") if k in local)
                 state, metrics = step_fn(state, run.trainer.shard_batch(local))
+                if pending is not None:  # the previous step's loss, read while this step runs
+                    _check_finite(*pending, run)
+                    pending = None
                 if step == start + 1:  # the first step compiles: throughput is timed from its end
                     jax.block_until_ready(state)
                     window.update(time=time.perf_counter(), steps=0)
@@ -136,8 +158,9 @@ def train(config, workdir: str) -> dict:
                 saving = step % config.checkpoint_every_steps == 0 or last or stop["sigterm"]
                 if logging_step or saving:
                     metrics = jax.device_get(metrics)
-                    if not math.isfinite(float(metrics["loss"])):
-                        raise Divergence(_divergence_message(step, metrics, run))
+                    _check_finite(step, metrics, run)
+                else:
+                    pending = (step, metrics)
                 if logging_step:
                     elapsed = time.perf_counter() - window["time"]
                     total["time"] += elapsed
@@ -156,9 +179,13 @@ def train(config, workdir: str) -> dict:
                     summary["eval/loss"] = scalars["eval/loss"]
                     console.print(f"step {step}: eval loss {scalars['eval/loss']:.4f}, "
                                   f"accuracy {scalars['eval/accuracy']:.3f}")
-                if saving:
-                    run.checkpointer.save(step, state, train_iter.get_state(), config)
+                # The record first: a checkpoint of a step implies its metrics.jsonl line.
                 writer.end_step(step, record)
+                if saving:
+                    if not run.params_finite(state.params):
+                        _diverged(step, metrics, run, f"the parameters after step {step} are not finite (its loss "
+                                  f"{float(metrics['loss'])} is): the update overflowed")
+                    run.checkpointer.save(step, state, train_iter.get_state(), config)
                 progress.update(task, completed=step)
                 summary["final_step"] = step
                 if stop["sigterm"]:
@@ -166,7 +193,6 @@ def train(config, workdir: str) -> dict:
                     break
         run.checkpointer.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         run.checkpointer.close()
         writer.close()
     if total["steps"]:
@@ -180,13 +206,45 @@ def _mean_dropped(metrics: dict) -> float:
     return float(np.mean(values)) if values else 0.0
 
 
-def _divergence_message(step: int, metrics: dict, run: Run) -> str:
+def _check_finite(step: int, metrics: dict, run: Run) -> None:
+    """Stop (Divergence) at the first step whose loss or gradient norm is NaN or infinite."""
+    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+    if not math.isfinite(loss):
+        _diverged(step, metrics, run, f"the loss is {loss} at step {step}")
+    if not math.isfinite(grad_norm):
+        _diverged(step, metrics, run, f"the gradient norm is {grad_norm} at step {step} (loss {loss})")
+
+
+def _diverged(step: int, metrics: dict, run: Run, what: str):
+    run.checkpointer.wait()  # a save in flight completes first, so the message names the checkpoint kept
     latest = run.checkpointer.latest_step()
-    where = first_bad_layer(metrics, run.moe_every)
-    return (f"the loss is {float(metrics['loss'])} at step {step}; stopping. The last good checkpoint "
-            f"(step {latest}) is kept in {run.checkpointer.directory}. "
-            + (f"First router statistics to go bad: {where}." if where else
-               "Every MoE layer's router statistics are still finite."))
+    where = first_bad_layer(jax.device_get(metrics), run.moe_every)
+    kept = (f"The last good checkpoint (step {latest}) is kept in {run.checkpointer.directory}" if latest is not None
+            else "No checkpoint was written yet")
+    raise Divergence(f"{what}; stopping. {kept}. "
+                     + (f"First router statistics to go bad: {where}." if where else
+                        "Every MoE layer's router statistics are still finite."))
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop the metrics.jsonl records after `step` (the step resumed from), and a line cut short by a
+    kill: the resumed run writes them again, so the file holds each step once, as an uninterrupted
+    run's does."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line if line.endswith("\n") else line + "\n")
+        except (ValueError, KeyError, TypeError):
+            pass  # a partial line
+    if keep != lines:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
 
 def evaluate_only(config, workdir: str) -> dict:
@@ -263,15 +321,22 @@ def print_summary(summary: dict) -> None:
             print(f"  {key:22s} {summary[key]:.4f}" if isinstance(summary[key], float) else f"  {key} {summary[key]}")
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag value an `error: ...` line instead of absl's FATAL."""
+    try:
+        return _FLAGS(argv)
+    except flags.Error as e:
+        raise configuration.ConfigError(f"{e} (see --helpshort)") from None
+
+
 def run() -> None:
     """Console-script entry point (`moe_jax`)."""
     try:
-        configuration.make_configs_importable(sys.argv)
-    except configuration.ConfigError as e:
-        sys.exit(f"error: {e}")
-    try:
-        app.run(main)
-    except (ValueError, Divergence, CheckpointError) as e:  # ConfigError is a ValueError
+        # The config file and every --config.<field> override, checked before absl parses them:
+        # a broken file, an unknown field or a mistyped value is a one-line error, not a traceback.
+        configuration.check_command_line(sys.argv)
+        app.run(main, flags_parser=_parse_flags)
+    except (ValueError, Divergence, CheckpointError, OSError) as e:  # ConfigError is a ValueError
         sys.exit(f"error: {e}")
 
 
