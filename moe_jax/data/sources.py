@@ -7,15 +7,19 @@ downloaded at run time.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
 import tensorflow_datasets as tfds
+from google.protobuf import json_format
 from tensorflow_datasets.core import constants
 
 from moe_jax.data import corpus
 
 DEFAULT = "default"
+# What TFDS and array_record raise on prepared files that are truncated, garbled or missing.
+DAMAGE_ERRORS = (RuntimeError, OSError, UnicodeDecodeError, json.JSONDecodeError, json_format.ParseError)
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -38,9 +42,53 @@ def open_split(dataset: str, split: str, data_dir: str, text_key: str, *, split_
                max_files: int = 0) -> Sequence[Any]:
     """The split as a random-access sequence of examples (dicts of NumPy values and bytes).
 
-    `split_field` names the config field that chose `split`, for the error message.
+    `split_field` names the config field that chose `split`, for the error message. Damaged
+    prepared files (truncated, garbled) are a ValueError naming the dataset and the fix, whether
+    found on opening the split or when a record is read.
     """
     data_dir = resolve_data_dir(data_dir)
+    where = (dataset, split, data_dir, max_files)
+    try:
+        source = _open_split(dataset, split, data_dir, text_key, split_field, max_files)
+        len(source)  # opens the files
+    except DAMAGE_ERRORS as e:
+        raise ValueError(damaged_message(*where, _reason(e))) from None
+    return _CheckedSource(source, where)
+
+
+def _reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+
+
+def damaged_message(dataset: str, split: str, data_dir: str, max_files: int, reason: str) -> str:
+    """What to say when the prepared files of `dataset` cannot be read, and how to fix it."""
+    if dataset == DEFAULT:
+        folder = f"{data_dir}/{corpus.StdlibCorpus.name}/{corpus.builder_config(max_files).name}"
+        fix = "delete that folder and run again: moe_jax prepares the corpus anew"
+    else:
+        folder = f"{data_dir}/{dataset.partition(':')[0]}"
+        fix = f"delete that folder and prepare it again with `{_build_command(dataset, data_dir)}`"
+    return (f"data.dataset={dataset!r} (split {split!r}) in data.data_dir={data_dir!r} cannot be read ({reason}). "
+            f"If its prepared files under {folder} are truncated or corrupted, {fix}.")
+
+
+class _CheckedSource(Sequence):
+    """A data source whose read errors name the dataset and the fix (picklable, for grain's workers)."""
+
+    def __init__(self, source, where: tuple):
+        self._source, self._where = source, where
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index):
+        try:
+            return self._source[index]
+        except DAMAGE_ERRORS as e:
+            raise ValueError(damaged_message(*self._where, f"record {index}: {_reason(e)}")) from None
+
+
+def _open_split(dataset: str, split: str, data_dir: str, text_key: str, split_field: str, max_files: int):
     how = (f"Prepare it once, where TFDS can download it, with:\n  {_build_command(dataset, data_dir)}\n"
            "(array_record is the format moe_jax reads without TensorFlow; gs:// data dirs work.)")
     if dataset == DEFAULT:
