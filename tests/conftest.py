@@ -10,5 +10,6 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 # tests/sharding needs 8 emulated devices, fixed when JAX starts: it runs in its own process
-# (`pytest tests/sharding`), so a plain `pytest tests` leaves it out.
-collect_ignore = ["sharding"]
+# (`pytest tests/sharding`), so a plain `pytest tests` leaves it out. So does the fault suite
+# (`pytest tests/faults`), which takes minutes of kills and restarts.
+collect_ignore = ["sharding", "faults"]

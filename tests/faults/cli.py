@@ -1,0 +1,172 @@
+"""Running the main job as a user does, `python -m moe_jax.main ...` in a subprocess, and reading
+back what it leaves in the workdir: for tests/test_cli.py and the fault suite (tests/faults).
+
+Subprocesses share a persistent JAX compilation cache (one directory per test session), so a
+restarted run loads its programs instead of compiling them again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+# Wall-clock fields of metrics.jsonl: they differ between any two runs.
+TIMING_KEYS = ("train/tokens_per_sec", "train/seconds")
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def environment(cache_dir: os.PathLike, devices: int | None = None) -> dict[str, str]:
+    """The environment of a CLI subprocess: CPU, fast compiles, the shared compilation cache and,
+    with `devices`, that many emulated CPU devices."""
+    env = dict(os.environ)
+    xla = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+    if "xla_backend_optimization_level" not in xla:
+        xla += " " + FAST_COMPILE
+    if devices:
+        xla += f" --xla_force_host_platform_device_count={devices}"
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla.strip(), JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+               PYTHONUNBUFFERED="1", TF_CPP_MIN_LOG_LEVEL="3")
+    return env
+
+
+def overrides(values: dict) -> list[str]:
+    """--config.<field>=<value> arguments."""
+    return [f"--config.{k}={v}" for k, v in values.items()]
+
+
+class Job:
+    """One run of the main job in its own process; stdout and stderr go to files in log_dir."""
+
+    def __init__(self, args: list[str], env: dict, log_dir: os.PathLike, name: str, *, wrap: list[str] = ()):
+        log_dir = pathlib.Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.name, self.args = name, args
+        self.out_path, self.err_path = log_dir / f"{name}.out", log_dir / f"{name}.err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "moe_jax.main", *args], cwd=ROOT, env=env,
+                                         stdout=out, stderr=err, start_new_session=True)
+        self.started = time.monotonic()
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float = 600) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"{self.name} did not finish in {timeout} s:\n{self.report()}") from None
+
+    def kill(self) -> None:
+        """kill -9 this process (only this one: the job runs in its own session)."""
+        if self.running():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def terminate(self) -> None:
+        os.kill(self.proc.pid, signal.SIGTERM)
+
+    @property
+    def stdout(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def stderr(self) -> str:
+        return self.err_path.read_text()
+
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+
+    def report(self) -> str:
+        return (f"$ python -m moe_jax.main {' '.join(self.args)}\n(exit {self.proc.returncode})\n"
+                f"--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-6000:]}")
+
+
+def run(args: list[str], env: dict, log_dir: os.PathLike, name: str, *, timeout: float = 600,
+        expect: int | None = 0, **kwargs) -> Job:
+    """Run the main job to its end; with `expect`, assert its exit status."""
+    job = Job(args, env, log_dir, name, **kwargs)
+    code = job.wait(timeout)
+    if expect is not None:
+        assert code == expect, job.report()
+    return job
+
+
+def wait_until(condition, job: Job | None = None, timeout: float = 300, poll: float = 0.002) -> bool:
+    """Poll `condition()` until it holds (True) or the job has exited / the time is up (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        if job is not None and not job.running():
+            return condition()
+        time.sleep(poll)
+    return False
+
+
+# ---------------------------------------------------------------- the workdir
+
+def metrics(workdir: os.PathLike) -> list[dict]:
+    """metrics.jsonl's records (a line cut short at the end is skipped, as a resumed run drops it)."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                pass
+    return records
+
+
+def last_logged_step(workdir: os.PathLike) -> int:
+    records = metrics(workdir)
+    return records[-1]["step"] if records else 0
+
+
+def without_timing(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def checkpoints(workdir: os.PathLike) -> tuple[list[int], list[str]]:
+    """(complete checkpoint steps, sorted; names of the other entries: partial writes)."""
+    directory = pathlib.Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return [], []
+    names = os.listdir(directory)
+    return sorted(int(n) for n in names if n.isdigit()), sorted(n for n in names if not n.isdigit())
+
+
+def checkpoint_arrays(workdir: os.PathLike, step: int) -> dict[str, np.ndarray]:
+    """Every array of the train state in a checkpoint (parameters, optimiser state, RNG state), by path."""
+    import jax  # noqa: PLC0415
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    tree = ocp.StandardCheckpointer().restore(pathlib.Path(workdir, "checkpoints", str(step), "state").resolve())
+    return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    """Bit for bit: same names, dtypes, shapes and bytes."""
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or a[k].tobytes() != b[k].tobytes()]
+    assert not different, f"{len(different)} of {len(a)} arrays differ, e.g. {different[:5]}"
+
+
+def resumed_from(job: Job) -> int:
+    """The step a run resumed from (0: it started fresh)."""
+    match = re.search(r"resuming from the checkpoint of step (\d+)", job.stderr)
+    return int(match.group(1)) if match else 0
