@@ -4,7 +4,9 @@ Switch (Fedus et al. 2021, Table 2) found a bfloat16 router unstable and a float
 a bfloat16 model stable: the kernel is float32 and the input is cast to float32, whatever the
 model's dtype (moe.router_dtype='bfloat16' rounds the router matmul, for that ablation only). Init: truncated normal with std sqrt(scale / d_model), scale 0.1 (Switch Table 3).
 Training-only input jitter (Switch) multiplies router inputs by U[1-eps, 1+eps]. The routing
-decision itself is made by the pure functions in moe_jax.routing.
+decision itself is made by the pure functions in moe_jax.routing; `fast_tokens_choose` is
+routing.tokens_choose's common case (no choice bias, every choice dispatched) in fewer passes
+over the [G, S, E] logits.
 """
 from __future__ import annotations
 
@@ -15,6 +17,67 @@ from flax import nnx
 from moe_jax import routing
 from moe_jax.experts import fan_in_init
 from moe_jax.moe_config import MoEConfig
+from moe_jax.routing import losses
+from moe_jax.routing.token_choice import TokenChoice, bpr_token_order, check_capacity, check_logits, route_choices
+
+MAX_K_BY_MAX = 2  # top-k by k rounds of max up to this k, lax.top_k beyond
+
+
+def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """[G, S, D] x [D, ...] -> [G, S, ...] as one [G*S, D] matmul: with two leading axes XLA:CPU
+    transposes x to form the kernel's gradient."""
+    G, S, D = x.shape
+    out = x.reshape(G * S, D) @ kernel.reshape(D, -1)  # [G*S, D] x [D, E] -> [G*S, E]
+    return out.reshape(G, S, *kernel.shape[1:])
+
+
+def fast_tokens_choose(logits: jax.Array, *, k: int, capacity: int | None, renormalize: bool = False,
+                       order: str = "rank_major", batch_prioritized: bool = False) -> TokenChoice:
+    """routing.tokens_choose(logits, ...) without choice_bias or random second choices: the same
+    decision, weights and losses, in fewer passes over logits [G, S, E].
+
+    One max / exp / sum pass yields the probabilities, the combine weights and the z-loss's
+    logsumexp (tokens_choose computes softmax and logsumexp apart). Choices are k rounds of max,
+    the lowest index winning ties as in lax.top_k, which with argmax is several times slower than
+    a max on XLA:CPU.
+    """
+    check_logits(logits)
+    check_capacity(capacity)
+    G, S, E = logits.shape
+    if not isinstance(k, int) or not 1 <= k <= E:
+        raise ValueError(f"k must be an int in [1, num_experts={E}], got {k!r}")
+    logits = logits.astype(jnp.float32)
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [G, S, 1]
+    exp = jnp.exp(logits - top)  # [G, S, E]
+    denom = jnp.sum(exp, axis=-1, keepdims=True)  # [G, S, 1]
+    probs = exp / denom  # [G, S, E]
+    if k <= MAX_K_BY_MAX:
+        iota = jnp.arange(E, dtype=jnp.int32)
+        scores, picks = jax.lax.stop_gradient(logits), []
+        for i in range(k):
+            best = top if i == 0 else jnp.max(scores, axis=-1, keepdims=True)  # [G, S, 1]
+            pick = jnp.min(jnp.where(scores == best, iota, E - 1), axis=-1, keepdims=True)  # [G, S, 1]
+            picks.append(pick)
+            if i + 1 < k:
+                scores = jnp.where(iota == pick, -jnp.inf, scores)  # [G, S, E]
+        expert_index = jnp.concatenate(picks, axis=-1)  # [G, S, K]
+    else:
+        expert_index = jax.lax.top_k(jax.lax.stop_gradient(logits), k)[1]  # [G, S, K]
+    weight = jnp.exp(jnp.take_along_axis(logits, expert_index, axis=-1) - top) / denom  # [G, S, K]
+    token_order = bpr_token_order(1.0 / denom[..., 0]) if batch_prioritized else None  # by top-1 probability
+    if renormalize:
+        weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
+    position, weight = route_choices(expert_index, weight, num_experts=E, capacity=capacity, order=order,
+                                     token_order=token_order)
+    return TokenChoice(
+        expert_index=expert_index,
+        position=position,
+        weight=weight,
+        probs=probs,
+        balance_loss=losses.load_balancing_loss(probs, expert_index),
+        z_loss=jnp.mean(jnp.square(top[..., 0] + jnp.log(denom[..., 0]))),  # logsumexp^2
+        capacity=capacity,
+    )
 
 
 class BalanceBias(nnx.Variable):
@@ -59,15 +122,18 @@ class Router(nnx.Module):
             xn = x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)  # [G, S, D]
             return routing.soft_route(self.scale[...] * jnp.einsum("gsd,dep->gsep", xn, phi))
         if cfg.router_dtype == "bfloat16":  # input, kernel and logits rounded to bfloat16 (Switch Table 2)
-            logits = jnp.einsum("gsd,de->gse", x.astype(jnp.bfloat16), self.kernel[...].astype(jnp.bfloat16))
+            logits = project(x.astype(jnp.bfloat16), self.kernel[...].astype(jnp.bfloat16))
         else:
-            logits = jnp.einsum("gsd,de->gse", x, self.kernel[...])  # [G, S, E]
+            logits = project(x, self.kernel[...])  # [G, S, E]
         opts = dict(order=cfg.order, batch_prioritized=cfg.batch_prioritized)
         if cfg.router == "top_k":
             bias = self.balance_bias[...] if cfg.bias_update_rate > 0 else None
-            decision = routing.tokens_choose(
-                logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize, second_choice=cfg.second_choice,
-                choice_bias=bias, rng=self.rng() if cfg.second_choice == "random" else None, **opts)
+            if bias is None and cfg.second_choice == "all":
+                decision = fast_tokens_choose(logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize, **opts)
+            else:
+                decision = routing.tokens_choose(
+                    logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize, second_choice=cfg.second_choice,
+                    choice_bias=bias, rng=self.rng() if cfg.second_choice == "random" else None, **opts)
             if train and cfg.bias_update_rate > 0:
                 self._update_balance_bias(decision)
             return decision
@@ -76,12 +142,12 @@ class Router(nnx.Module):
         if cfg.router == "dense":
             return routing.dense_choose(logits)
         if cfg.router == "noisy_top_k":
-            noise_logits = jnp.einsum("gsd,de->gse", x, self.noise_kernel[...])  # [G, S, E]
+            noise_logits = project(x, self.noise_kernel[...])  # [G, S, E]
             return routing.noisy_tokens_choose(logits, noise_logits, k=cfg.k, capacity=capacity,
                                                rng=self.rng() if train else None, **opts)
         # hierarchical
         G, S, E = logits.shape
-        outer = jnp.einsum("gsd,dh->gsh", x, self.group_kernel[...])  # [G, S, E1]
+        outer = project(x, self.group_kernel[...])  # [G, S, E1]
         inner = logits.reshape(G, S, cfg.num_expert_groups, E // cfg.num_expert_groups)  # [G, S, E1, E2]
         return routing.hierarchical_choose(outer, inner, k_outer=cfg.k_groups, k_inner=cfg.k, capacity=capacity,
                                            renormalize=cfg.renormalize, **opts)
