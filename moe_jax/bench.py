@@ -1,0 +1,327 @@
+"""Benchmarks that print figures (the test suite times nothing): one MoE layer against its
+FLOP-matched dense FFN, and the real training step of any config.
+
+    JAX_PLATFORMS=cpu python -m moe_jax.bench layer [--json] [--dispatch=einsum,index,dropless]
+        [--experts=8,32,128] [--k=1,2] [--capacity_factor=1.0,1.25,2.0] [--group_size=1024,8192]
+        [--activation=relu,swiglu] [--tokens=32768] [--d_model=128] [--d_ff=512] [--seq_len=512]
+    JAX_PLATFORMS=cpu python -m moe_jax.bench train --config=configs/switch_tiny.py \\
+        [--baseline=configs/dense_tiny.py] [--steps=10] [--compile_only] [--json]
+
+layer: forward + backward (gradients of the parameters and of the input; loss = <y, probe> +
+1e-2 x balance loss + 1e-3 x z-loss) of MoELayer on x [B, L, D] (B x L = --tokens), and in the
+same run of the dense FFN of width F x k with the same activation. Each time is the median of
+--reps jitted calls after a warm-up, the MoE and dense calls interleaved so that a busy machine
+slows both alike. temp_bytes is the compiled program's temporary memory (memory_analysis()).
+floor = 1 + E / (n k F), n = 2 matmuls per plain expert and 3 per gated one: the router's D x E
+matmul against the dense twin's; it is the least `ms / dense_ms` can be at capacity factor 1.
+tok/exp = T k / E; below a few hundred, reading the E x D x F weights and writing their
+gradients costs more than the matmuls themselves. A point whose estimated time exceeds
+--max_seconds (from its FLOPs and the dense twin's measured speed) is skipped and said so.
+
+train: lower and compile time, step time and tokens/s (encoder + decoder tokens of a synthetic
+batch) of Trainer's jitted train step. --baseline times a second config in the same process,
+steps interleaved, and prints the ratios; --compile_only compiles on abstract state only (any
+size fits: nothing is allocated) and reports compile times.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+from ml_collections import config_flags
+
+from moe_jax import configuration
+from moe_jax.experts import FeedForward, is_gated
+from moe_jax.moe_config import MoEConfig
+from moe_jax.moe_layer import MoELayer
+
+_FLAGS = flags.FLAGS
+flags.DEFINE_bool("json", False, "Print one JSON object per line instead of a table.")
+flags.DEFINE_integer("reps", 5, "Timed calls (layer) or steps (train, see --steps) after the warm-up.")
+# layer
+flags.DEFINE_list("dispatch", ["einsum", "index", "dropless"], "layer: dispatch strategies.")
+flags.DEFINE_list("experts", ["8", "32", "128"], "layer: numbers of experts E.")
+flags.DEFINE_list("k", ["1", "2"], "layer: choices per token.")
+flags.DEFINE_list("capacity_factor", ["1.0", "1.25", "2.0"], "layer: capacity factors (<= 0: dropless).")
+flags.DEFINE_list("group_size", ["1024", "8192"], "layer: largest routing group S (moe.group_size).")
+flags.DEFINE_list("activation", ["relu"], "layer: expert activations (relu, gelu: plain; swiglu, geglu: gated).")
+flags.DEFINE_integer("tokens", 32768, "layer: tokens T per call.")
+flags.DEFINE_integer("seq_len", 512, "layer: sequence length L (the input is [T / L, L, D]).")
+flags.DEFINE_integer("d_model", 128, "layer: model width D.")
+flags.DEFINE_integer("d_ff", 512, "layer: expert width F.")
+flags.DEFINE_float("max_seconds", 60.0, "layer: skip a point estimated to take longer (compile excluded).")
+# train
+config_flags.DEFINE_config_file("config", None, "train: experiment config file.", lock_config=True)
+config_flags.DEFINE_config_file("baseline", None, "train: a second config to compare with.", lock_config=True)
+flags.DEFINE_integer("steps", 0, "train: timed steps (0: --reps).")
+flags.DEFINE_bool("compile_only", False, "train: only lower and compile the step on abstract state.")
+
+
+def device_line() -> str:
+    d = jax.devices()[0]
+    return f"{jax.default_backend()}: {len(jax.devices())} x {d.device_kind}, {os.cpu_count()} host CPUs"
+
+
+def emit(record: dict) -> None:
+    if _FLAGS.json:
+        print(json.dumps(record), flush=True)
+
+
+def time_interleaved(fns, reps: int, budget: float | None = None) -> list[float] | None:
+    """Median seconds of each callable over `reps` rounds, one call of each per round, after a
+    warm-up round. None when the warm-up round says the rounds would exceed `budget` seconds."""
+    start = time.perf_counter()
+    for f in fns:
+        f()
+    if budget is not None and (time.perf_counter() - start) * reps > budget:
+        return None
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for f, t in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+# ----------------------------------------------------------------------------- layer
+def grad_step(module: nnx.Module, x: jax.Array):
+    """A compiled forward + backward of `module` at x: returns (call, compiled)."""
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+    probe = jax.random.normal(jax.random.key(1), x.shape, x.dtype)  # a random output cotangent
+
+    def loss(params, x, probe):
+        out = nnx.merge(graphdef, params, rest, copy=True)(x)
+        if isinstance(out, tuple):  # the MoE layer: (y, aux), with its auxiliary losses
+            y, aux = out
+            return jnp.sum(y * probe) + 1e-2 * aux.balance_loss + 1e-3 * aux.z_loss, y
+        return jnp.sum(out * probe), out
+
+    # y is returned, as a layer inside a network hands it on (else XLA drops the last matmul).
+    compiled = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x, probe).compile()
+    return (lambda: jax.block_until_ready(compiled(params, x, probe))), compiled
+
+
+def temp_bytes(compiled) -> int:
+    mem = compiled.memory_analysis()
+    return int(mem.temp_size_in_bytes) if mem is not None else -1
+
+
+def matmul_flops(dispatch: str, *, T, D, F, E, k, rows, n_mats, einsum_slots) -> float:
+    """FLOPs of one forward + backward (3 x forward): experts, router, one-hot dispatch/combine."""
+    if dispatch == "dropless" and jax.default_backend() == "cpu":
+        rows = T * k * E  # XLA:CPU runs ragged_dot as a dense product over every expert
+    flops = 2 * rows * D * F * n_mats + 2 * T * D * E
+    if dispatch == "einsum":
+        flops += 2 * 2 * T * einsum_slots * D  # [G, S, E, C] x [G, S, D] both ways
+    return 3.0 * flops
+
+
+# Skip einsum points whose masks alone would take a quarter of the host's memory.
+MEMORY_LIMIT = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 if hasattr(os, "sysconf") else 2 ** 33
+
+
+def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
+    T, L, D, F = _FLAGS.tokens, _FLAGS.seq_len, _FLAGS.d_model, _FLAGS.d_ff
+    n_mats = 3 if is_gated(activation) else 2
+    cfg = MoEConfig(num_experts=E, k=k, d_ff=F, activation=activation, train_capacity_factor=cf,
+                    group_size=max_group, dispatch=dispatch)
+    layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
+    G, S = layer.group_shape(T // L, L)
+    C = layer.capacity(S)
+    rec = dict(dispatch=dispatch, num_experts=E, k=k, capacity_factor=cf, group_size=S, capacity=C, tokens=T,
+               d_model=D, d_ff=F, activation=activation, gated=is_gated(activation), tokens_per_expert=T * k / E,
+               floor=1 + E / (n_mats * k * F), device=device_line())
+    slots = E * (S if C is None else C)  # slots per group
+    flops = matmul_flops(dispatch, T=T, D=D, F=F, E=E, k=k, rows=G * slots if dispatch != "dropless" else T * k,
+                         n_mats=n_mats, einsum_slots=slots)
+    estimate = flops / dense["flops"] * dense["seconds"] * (_FLAGS.reps + 1)
+    if estimate > _FLAGS.max_seconds:
+        return {**rec, "skipped": f"estimated {estimate:.0f} s > --max_seconds={_FLAGS.max_seconds:.0f}"}
+    masks = 4 * 4 * T * slots if dispatch == "einsum" else 0  # float32 [G, S, E, C] x (2 masks + 2 gradients)
+    if masks > MEMORY_LIMIT:
+        return {**rec, "skipped": f"one-hot masks need about {masks / 2 ** 30:.1f} GiB"}
+    x = dense["x"]
+    start = time.perf_counter()
+    call, compiled = grad_step(layer, x)
+    compile_s = time.perf_counter() - start
+    times = time_interleaved([call, dense["call"]], _FLAGS.reps, budget=_FLAGS.max_seconds)
+    if times is None:
+        return {**rec, "skipped": f"warm-up round x {_FLAGS.reps} > --max_seconds={_FLAGS.max_seconds:.0f}"}
+    ms, dense_ms = 1e3 * times[0], 1e3 * times[1]
+    return {**rec, "ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms, "temp_bytes": temp_bytes(compiled),
+            "dense_temp_bytes": dense["temp_bytes"], "compile_s": compile_s}
+
+
+def dense_twin(k: int, activation: str) -> dict:
+    T, L, D, F = _FLAGS.tokens, _FLAGS.seq_len, _FLAGS.d_model, _FLAGS.d_ff
+    if T % L:
+        raise app.UsageError(f"--tokens={T} must be a multiple of --seq_len={L}")
+    x = jax.random.normal(jax.random.key(0), (T // L, L, D), jnp.float32)
+    call, compiled = grad_step(FeedForward(D, F * k, activation=activation, rngs=nnx.Rngs(0)), x)
+    seconds = time_interleaved([call], 1)[0]
+    flops = 3.0 * 2 * T * D * F * k * (3 if is_gated(activation) else 2)
+    return dict(x=x, call=call, seconds=seconds, flops=flops, temp_bytes=temp_bytes(compiled))
+
+
+TABLE = ("{dispatch:>8} {activation:>6} {num_experts:>4} {k:>2} {capacity_factor:>5} {group_size:>6} {capacity!s:>5} "
+         "{tokens_per_expert:>8.0f} {ms:>9} {dense_ms:>9} {ratio:>6} {floor:>6.3f} {temp:>9}")
+
+
+def print_row(rec: dict) -> None:
+    if _FLAGS.json:
+        return emit(rec)
+    if "skipped" in rec:
+        cells = dict(ms="-", dense_ms="-", ratio="-", temp="skipped: " + rec["skipped"])
+    else:
+        cells = dict(ms=f"{rec['ms']:.1f}", dense_ms=f"{rec['dense_ms']:.1f}", ratio=f"{rec['ratio']:.3f}",
+                     temp=f"{rec['temp_bytes'] / 2 ** 20:.1f}")
+    print(TABLE.format(**{**rec, **cells}), flush=True)
+
+
+def run_layer() -> None:
+    if not _FLAGS.json:
+        print(f"# {device_line()}; T={_FLAGS.tokens} D={_FLAGS.d_model} F={_FLAGS.d_ff} L={_FLAGS.seq_len}; "
+              f"median of {_FLAGS.reps} interleaved calls (forward + backward)")
+        print(TABLE.replace(":>8.0f", ":>8").replace(":>6.3f", ":>6").format(
+            dispatch="dispatch", activation="act", num_experts="E", k="k", capacity_factor="cf", group_size="S",
+            capacity="C", tokens_per_expert="tok/exp", ms="ms", dense_ms="dense ms", ratio="ratio", floor="floor",
+            temp="temp MiB"))
+    for activation in _FLAGS.activation:
+        for k in map(int, _FLAGS.k):
+            dense = dense_twin(k, activation)
+            for cf in map(float, _FLAGS.capacity_factor):
+                for group in map(int, _FLAGS.group_size):
+                    for E in map(int, _FLAGS.experts):
+                        for dispatch in _FLAGS.dispatch:
+                            print_row(layer_point(dispatch, E, k, cf, group, activation, dense))
+
+
+# ----------------------------------------------------------------------------- train
+def synthetic_batch(trainer, config, seed: int = 0) -> dict:
+    """One global batch of random tokens shaped like the config's data (numpy, host-local)."""
+    from moe_jax.data import options as data_options  # noqa: PLC0415
+
+    plan = data_options.plan(config)
+    rng = np.random.default_rng(seed)
+    B, V = config.batch_size, config.model.vocab_size
+
+    def stream(prefix: str, length: int) -> dict:
+        return {f"{prefix}_segment_ids": np.ones((B, length), np.int32),
+                f"{prefix}_positions": np.tile(np.arange(length, dtype=np.int32), (B, 1)),
+                f"{prefix}_input_tokens": rng.integers(1, V, (B, length), dtype=np.int32)}
+
+    batch = stream("decoder", plan.targets_len)
+    batch.update(decoder_target_tokens=rng.integers(1, V, (B, plan.targets_len), dtype=np.int32),
+                 decoder_loss_weights=np.ones((B, plan.targets_len), np.float32))
+    if trainer.model_cfg.kind == "encoder_decoder":
+        batch.update(stream("encoder", plan.inputs_len))
+    return batch
+
+
+class TrainBench:
+    """One config's jitted train step: compiled on abstract state, then optionally run."""
+
+    def __init__(self, name: str, config):
+        from moe_jax.trainer import Trainer  # noqa: PLC0415
+
+        self.name, self.config = name, config
+        self.trainer = Trainer(config, configuration.validate(config))
+        self.batch = synthetic_batch(self.trainer, config)
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.trainer.batch_sharding)
+                          for k, v in self.batch.items()}
+        step = self.trainer.jit_train_step()
+        t0 = time.perf_counter()
+        lowered = step.lower(self.trainer.abstract_sharded_state(), abstract_batch)
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        t2 = time.perf_counter()
+        self.tokens = sum(v.size for k, v in self.batch.items() if k.endswith("_input_tokens"))
+        self.record = dict(config=name, device=device_line(), lower_s=t1 - t0, compile_s=t2 - t1,
+                           temp_bytes=temp_bytes(self.compiled), tokens_per_step=self.tokens,
+                           params=sum(math.prod(a.shape) for a in jax.tree.leaves(
+                               self.trainer.abstract_state().params)))
+
+    def start(self) -> None:
+        self.state = self.trainer.create_state(self.config.seed)
+        self.device_batch = self.trainer.shard_batch(self.batch)
+
+    def __call__(self) -> None:
+        self.state, metrics = self.compiled(self.state, self.device_batch)
+        jax.block_until_ready(metrics)
+
+
+def config_name(flag: str) -> str:
+    name = config_flags.get_config_filename(_FLAGS[flag])
+    overrides = config_flags.get_override_values(_FLAGS[flag])
+    flat = [f"{k}={v}" for k, v in sorted(_flatten(overrides).items())]
+    return " ".join([name] + flat)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_train() -> None:
+    if _FLAGS.config is None:
+        raise app.UsageError("train needs --config=configs/<experiment>.py")
+    benches = [TrainBench(config_name("config"), _FLAGS.config)]
+    if _FLAGS.baseline is not None:
+        benches.append(TrainBench(config_name("baseline"), _FLAGS.baseline))
+    if not _FLAGS.compile_only:
+        for b in benches:
+            b.start()
+        times = time_interleaved(benches, _FLAGS.steps or _FLAGS.reps)
+        for b, seconds in zip(benches, times):
+            b.record.update(step_ms=1e3 * seconds, tokens_per_s=b.tokens / seconds,
+                            examples_per_s=b.config.batch_size / seconds, steps=_FLAGS.steps or _FLAGS.reps)
+    for b in benches:
+        r = b.record
+        emit(r)
+        if not _FLAGS.json:
+            line = (f"{r['config']}: {r['params'] / 1e6:.1f}M parameters, lower {r['lower_s']:.1f} s, "
+                    f"compile {r['compile_s']:.1f} s, temp {r['temp_bytes'] / 2 ** 20:.0f} MiB")
+            if "step_ms" in r:
+                line += (f", step {r['step_ms']:.1f} ms (median of {r['steps']}), {r['tokens_per_s']:,.0f} tokens/s, "
+                         f"{r['examples_per_s']:.1f} examples/s")
+            print(line, flush=True)
+    if len(benches) == 2:
+        a, b = (x.record for x in benches)
+        ratio = {"compile_s_ratio": (a["lower_s"] + a["compile_s"]) / (b["lower_s"] + b["compile_s"])}
+        if "tokens_per_s" in a:
+            ratio["tokens_per_s_ratio"] = a["tokens_per_s"] / b["tokens_per_s"]
+        emit({"config": a["config"], "baseline": b["config"], **ratio})
+        if not _FLAGS.json:
+            print(f"{a['config']} / {b['config']}: " + ", ".join(f"{k} {v:.3f}" for k, v in ratio.items()))
+
+
+def main(argv) -> None:
+    if len(argv) != 2 or argv[1] not in ("layer", "train"):
+        raise app.UsageError("usage: python -m moe_jax.bench {layer,train} [flags]")
+    if not _FLAGS.json:
+        print(f"# {' '.join(['python -m moe_jax.bench'] + sys.argv[1:])}")
+    run_layer() if argv[1] == "layer" else run_train()
+
+
+def run() -> None:
+    configuration.make_configs_importable(sys.argv)
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
