@@ -91,20 +91,30 @@ def assign_slots(expert_index: jax.Array, rank: jax.Array, num_experts: int, cap
 
     expert_index: int [G, S, K]; an entry equal to num_experts means "not dispatched" (for
       example GShard's randomly skipped second choice) and takes no slot.
-    rank: int [G, S, K] or [S, K], the fill priority (see fill_rank); unique within a group.
+    rank: int [G, S, K] or [S, K], the fill priority (see fill_rank); in each group a
+      permutation of 0 .. S*K - 1.
     capacity: slots per expert and group; None keeps everything (dropless).
     Returns int32 [G, S, K].
     """
     G, S, K = expert_index.shape
     n = S * K
-    rank = jnp.broadcast_to(rank, expert_index.shape)
+    if (num_experts + 1) * n >= 2 ** 31:
+        raise ValueError(f"a group of {n} assignments to {num_experts} experts overflows the int32 sort keys: "
+                         "lower moe.group_size")
+    # (expert, rank) and (rank, index) pairs are packed into one int32 key each: XLA sorts a lone
+    # int32 array several times faster than several operands with a comparator (1 ms vs 6 ms for
+    # 32 groups of 1024 on a CPU). Ranks are a permutation of 0..N-1, so keys are unique.
+    order = jnp.arange(n, dtype=jnp.int32)
+    ranks = rank.reshape(*rank.shape[:-2], n).astype(jnp.int32)  # [N] or [G, N]
+    holder_of_rank = jnp.sort(ranks * n + order, axis=-1) % n  # the inverse permutation of ranks
+    holder_of_rank = jnp.broadcast_to(holder_of_rank, (G, n))
 
-    def one_group(experts, ranks):
+    def one_group(experts, ranks, holder_of_rank):
         # [S, K] -> [N]
         experts, ranks = experts.reshape(n), ranks.reshape(n)
-        order = jnp.arange(n, dtype=jnp.int32)
         # Sort assignments by (expert, rank): each expert's assignments become contiguous, in fill order.
-        sorted_expert, _, sorted_order = jax.lax.sort((experts, ranks, order), num_keys=2)
+        keys = jnp.sort(experts * n + ranks)  # [N]
+        sorted_expert, sorted_order = keys // n, holder_of_rank[keys % n]  # [N] x2
         # [E + 1]: first sorted index of each expert (the last bucket holds undispatched entries).
         counts = jnp.zeros((num_experts + 1,), jnp.int32).at[experts].add(1)
         starts = jnp.cumsum(counts) - counts
@@ -113,7 +123,8 @@ def assign_slots(expert_index: jax.Array, rank: jax.Array, num_experts: int, cap
         slot = jnp.zeros((n,), jnp.int32).at[sorted_order].set(slot_sorted)
         return slot.reshape(S, K)
 
-    slot = jax.vmap(one_group)(expert_index.astype(jnp.int32), rank.astype(jnp.int32))  # [G, S, K]
+    rank = jnp.broadcast_to(rank, expert_index.shape).astype(jnp.int32)
+    slot = jax.vmap(one_group)(expert_index.astype(jnp.int32), rank, holder_of_rank)  # [G, S, K]
     kept = expert_index < num_experts
     if capacity is not None:
         kept &= slot < capacity
