@@ -29,6 +29,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used, with what to do about it."""
 
 
+def _reason(error: BaseException) -> str:
+    """The gist of a storage error: its first line, without the tensorstore spec it may carry."""
+    text = (str(error).splitlines() or [type(error).__name__])[0].split(" [tensorstore_spec=")[0]
+    return text if len(text) <= 400 else text[:400] + " ..."
+
+
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in d.items():
@@ -116,7 +122,7 @@ class Checkpointer:
                 data=ocp.args.JsonSave({"hosts": gather_host_states(data_state)}),
                 config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.directory}: {e}. "
+            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.directory}: {_reason(e)}. "
                                   f"Earlier checkpoints are intact (latest: {self.latest_step()}).") from None
 
     def wait(self) -> None:
@@ -124,7 +130,7 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"a checkpoint write to {self.directory} failed: {e}. "
+            raise CheckpointError(f"a checkpoint write to {self.directory} failed: {_reason(e)}. "
                                   f"Earlier checkpoints are intact (latest: {self.latest_step()}).") from None
 
     def restore(self, step: int, abstract_state) -> tuple[Any, Any]:

@@ -9,6 +9,7 @@ latest checkpoint in the workdir; SIGTERM (a Cloud TPU preemption) saves a check
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -48,6 +49,21 @@ console = Console(stderr=True)
 
 class Divergence(RuntimeError):
     """The loss became NaN or infinite."""
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be written (a full disk, a read-only file system)."""
+
+
+@contextlib.contextmanager
+def _writing(what: str, run: "Run"):
+    """Turn an OSError while writing `what` into a WorkdirError that says what is safe and what to do."""
+    try:
+        yield
+    except OSError as e:
+        raise WorkdirError(f"cannot write {what} ({e.strerror or e}). Free some space or make the workdir "
+                           f"writable, then run again: it resumes from the latest checkpoint (step "
+                           f"{run.checkpointer.latest_step()}), which is intact") from None
 
 
 def first_bad_layer(metrics: dict, moe_every: dict[str, int]) -> str | None:
@@ -122,9 +138,10 @@ def _train(config, workdir: str, stop: dict) -> dict:
         train_iter.set_state(data_state)
     step_fn = run.trainer.jit_train_step()
     eval_fn = run.trainer.jit_eval_step()
-    writer = MetricsWriter(workdir, enabled=run.is_writer, moe_every=run.moe_every)
-    if run.is_writer:
-        _truncate_metrics(writer.path, start)
+    with _writing(f"the metrics to {workdir}", run):
+        writer = MetricsWriter(workdir, enabled=run.is_writer, moe_every=run.moe_every, purge_step=start or None)
+        if run.is_writer:
+            _truncate_metrics(writer.path, start)
     tokens_per_step = 0  # token positions per step, both stacks, padding included; set from the first batch
     summary = {"start_step": start, "final_step": start}
     if start:
@@ -155,7 +172,7 @@ def _train(config, workdir: str, stop: dict) -> dict:
                 record = {}
                 last = step == config.num_train_steps
                 logging_step = step % config.log_every_steps == 0 or last
-                saving = step % config.checkpoint_every_steps == 0 or last or stop["sigterm"]
+                saving = step % config.checkpoint_every_steps == 0 or last
                 if logging_step or saving:
                     metrics = jax.device_get(metrics)
                     _check_finite(step, metrics, run)
@@ -167,34 +184,44 @@ def _train(config, workdir: str, stop: dict) -> dict:
                     total["steps"] += window["steps"]
                     tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9) if window["steps"] else 0.0
                     # seconds: training time since the first (compiling) step, evaluation excluded
-                    scalars = writer.write(step, "train", metrics, extra={"tokens_per_sec": tps,
-                                                                          "seconds": total["time"]}, record=record)
+                    with _writing(f"the metrics of step {step} to {workdir}", run):
+                        scalars = writer.write(step, "train", metrics, extra={"tokens_per_sec": tps,
+                                                                              "seconds": total["time"]}, record=record)
                     progress.update(task, info=f"loss {scalars['train/loss']:.3f} | {tps:,.0f} tok/s")
                     summary.update({"train/loss": scalars["train/loss"], "tokens_per_sec": tps,
                                     "dropped_fraction": _mean_dropped(metrics)})
                     window.update(time=time.perf_counter(), steps=0)
                 if step % config.eval_every_steps == 0 or last:
                     ev = run.evaluate(state, eval_fn)
-                    scalars = writer.write(step, "eval", ev, record=record)
+                    with _writing(f"the metrics of step {step} to {workdir}", run):
+                        scalars = writer.write(step, "eval", ev, record=record)
                     summary["eval/loss"] = scalars["eval/loss"]
                     console.print(f"step {step}: eval loss {scalars['eval/loss']:.4f}, "
                                   f"accuracy {scalars['eval/accuracy']:.3f}")
                 # The record first: a checkpoint of a step implies its metrics.jsonl line.
-                writer.end_step(step, record)
-                if saving:
+                with _writing(f"the metrics of step {step} to {workdir}", run):
+                    writer.end_step(step, record)
+                # Read once: a SIGTERM that comes after this is handled after the next step, never
+                # acknowledged without its checkpoint (it may come during the evaluation above).
+                preempted = stop["sigterm"]
+                if saving or preempted:
+                    if pending is not None:  # this step's loss, not read yet
+                        _check_finite(*pending, run)
+                        pending = None
                     if not run.params_finite(state.params):
                         _diverged(step, metrics, run, f"the parameters after step {step} are not finite (its loss "
                                   f"{float(metrics['loss'])} is): the update overflowed")
                     run.checkpointer.save(step, state, train_iter.get_state(), config)
                 progress.update(task, completed=step)
                 summary["final_step"] = step
-                if stop["sigterm"]:
+                if preempted:
                     console.print(f"SIGTERM: saved the checkpoint of step {step}; exiting")
                     break
         run.checkpointer.wait()
     finally:
         run.checkpointer.close()
-        writer.close()
+        with contextlib.suppress(OSError):  # each step's records were flushed at that step, or the error raised
+            writer.close()
     if total["steps"]:
         summary["tokens_per_sec_mean"] = tokens_per_step * total["steps"] / total["time"]
     summary["preempted"] = stop["sigterm"]
@@ -298,6 +325,8 @@ def main(argv):
         raise app.UsageError("--config=configs/<experiment>.py and --workdir=<dir> are required")
     config = _FLAGS.config
     logging.set_verbosity(logging.WARNING)
+    logging.get_absl_handler().addFilter(_without_library_tracebacks)
+    sys.unraisablehook = _without_closed_loop_tracebacks
     if _FLAGS.multihost:
         jax.distributed.initialize()
     console.quiet = jax.process_index() != 0  # one host speaks for the job
@@ -321,6 +350,22 @@ def print_summary(summary: dict) -> None:
             print(f"  {key:22s} {summary[key]:.4f}" if isinstance(summary[key], float) else f"  {key} {summary[key]}")
 
 
+def _without_library_tracebacks(record) -> bool:
+    """A logging filter: Orbax logs each failure of its background threads with a stack trace before
+    the failed save reaches us as a CheckpointError; keep the one-line messages, drop the traces."""
+    if record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname:
+        record.exc_info = record.exc_text = None
+    return True
+
+
+def _without_closed_loop_tracebacks(unraisable) -> None:
+    """sys.unraisablehook: after a failed save (a full disk) tensorstore reports the end of the writes
+    Orbax abandoned by calling into Orbax's closed asyncio loop, and prints the RuntimeError's stack
+    trace; the failure itself reaches the user as a CheckpointError. Anything else is printed as usual."""
+    if not (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with a bad flag value an `error: ...` line instead of absl's FATAL."""
     try:
@@ -336,7 +381,14 @@ def run() -> None:
         # a broken file, an unknown field or a mistyped value is a one-line error, not a traceback.
         configuration.check_command_line(sys.argv)
         app.run(main, flags_parser=_parse_flags)
-    except (ValueError, Divergence, CheckpointError, OSError) as e:  # ConfigError is a ValueError
+    except CheckpointError as e:
+        # After a failed asynchronous save (a full disk, a read-only workdir) Orbax's helper threads
+        # can wait minutes for signals that never come: say what happened and leave at once (the
+        # metrics and the earlier checkpoints are on disk already).
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
+    except (ValueError, Divergence, OSError) as e:  # ConfigError is a ValueError
         sys.exit(f"error: {e}")
 
 

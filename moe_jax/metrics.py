@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tb_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 PER_EXPERT = ("tokens_per_expert", "routed_per_expert")
 
@@ -41,11 +44,39 @@ def layer_metrics(metrics: dict[str, Any], moe_every: dict[str, int]) -> tuple[d
     return scalars, per_expert
 
 
+class _EventFile:
+    """A TensorBoard event file written synchronously, so that a failed write (a full disk) raises
+    OSError in the training loop. (tensorboardX's SummaryWriter writes from a thread that dies on such
+    an error, after which the next writes block forever on its full queue: the job hung.) One file per
+    process: a restarted run never truncates the file of the run before it."""
+
+    def __init__(self, directory: str, purge_step: int | None):
+        os.makedirs(directory, exist_ok=True)
+        self._writer = EventsWriter(os.path.join(directory, "events"), filename_suffix=f".{os.getpid()}")
+        if purge_step is not None:  # TensorBoard drops earlier runs' events after this step (a resumed run)
+            self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
+                                           session_log=SessionLog(status=SessionLog.START)))
+
+    def add_scalar(self, name: str, value: float, step: int) -> None:
+        self._writer.write_event(Event(step=step, wall_time=time.time(), summary=tb_summary.scalar(name, value)))
+
+    def add_histogram_raw(self, name: str, *, global_step: int, **histogram) -> None:
+        self._writer.write_event(Event(step=global_step, wall_time=time.time(),
+                                       summary=tb_summary.histogram_raw(name, **histogram)))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str, *, enabled: bool, moe_every: dict[str, int]):
+    def __init__(self, workdir: str, *, enabled: bool, moe_every: dict[str, int], purge_step: int | None = None):
+        """purge_step: the step a resumed run restarts from (TensorBoard then shows its records after it)."""
         self.enabled, self.moe_every = enabled, moe_every
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = SummaryWriter(os.path.join(workdir, "tensorboard")) if enabled else None
+        self.tb = _EventFile(os.path.join(workdir, "tensorboard"), purge_step) if enabled else None
 
     def write(self, step: int, prefix: str, metrics: dict[str, Any], *, extra: dict[str, float] | None = None,
               record: dict | None = None) -> dict[str, float]:
