@@ -18,8 +18,9 @@ from tensorflow_datasets.core import constants
 from moe_jax.data import corpus
 
 DEFAULT = "default"
-# What TFDS and array_record raise on prepared files that are truncated, garbled or missing.
-DAMAGE_ERRORS = (RuntimeError, OSError, UnicodeDecodeError, json.JSONDecodeError, json_format.ParseError)
+# What TFDS and array_record raise on prepared files that are truncated, garbled or missing
+# (KeyError: TFDS's split table, read from a missing dataset_info.json, is empty).
+DAMAGE_ERRORS = (RuntimeError, OSError, UnicodeDecodeError, json.JSONDecodeError, json_format.ParseError, KeyError)
 
 
 def resolve_data_dir(data_dir: str) -> str:
