@@ -11,12 +11,15 @@ layer: forward + backward (gradients of the parameters and of the input; loss = 
 1e-2 x balance loss + 1e-3 x z-loss) of MoELayer on x [B, L, D] (B x L = --tokens), and in the
 same run of the dense FFN of width F x k with the same activation. Each time is the median of
 --reps jitted calls after a warm-up, the MoE and dense calls interleaved so that a busy machine
-slows both alike. temp_bytes is the compiled program's temporary memory (memory_analysis()).
+slows both alike; ratio = ms / dense_ms, paired = the median over rounds of each MoE call's
+time over the dense call's next to it (steadier when the load swings). temp_bytes is the compiled program's temporary memory (memory_analysis()).
 floor = 1 + E / (n k F), n = 2 matmuls per plain expert and 3 per gated one: the router's D x E
 matmul against the dense twin's; it is the least `ms / dense_ms` can be at capacity factor 1.
 tok/exp = T k / E; below a few hundred, reading the E x D x F weights and writing their
-gradients costs more than the matmuls themselves. A point whose estimated time exceeds
---max_seconds (from its FLOPs and the dense twin's measured speed) is skipped and said so.
+gradients costs more than the matmuls themselves; `--dispatch=experts` times the batched experts
+alone (input reshaped to [E, T / E, D], no router, no dispatch) to show that share. A point whose
+estimated time exceeds --max_seconds (from its FLOPs and the dense twin's measured speed) is
+skipped and said so.
 
 train: lower and compile time, step time and tokens/s (encoder + decoder tokens of a synthetic
 batch) of Trainer's jitted train step. --baseline times a second config in the same process,
@@ -48,7 +51,8 @@ _FLAGS = flags.FLAGS
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of a table.")
 flags.DEFINE_integer("reps", 5, "Timed calls (layer) or steps (train, see --steps) after the warm-up.")
 # layer
-flags.DEFINE_list("dispatch", ["einsum", "index", "dropless"], "layer: dispatch strategies.")
+flags.DEFINE_list("dispatch", ["einsum", "index", "dropless"],
+                  "layer: dispatch strategies, and 'experts' for the batched experts alone.")
 flags.DEFINE_list("experts", ["8", "32", "128"], "layer: numbers of experts E.")
 flags.DEFINE_list("k", ["1", "2"], "layer: choices per token.")
 flags.DEFINE_list("capacity_factor", ["1.0", "1.25", "2.0"], "layer: capacity factors (<= 0: dropless).")
@@ -76,9 +80,9 @@ def emit(record: dict) -> None:
         print(json.dumps(record), flush=True)
 
 
-def time_interleaved(fns, reps: int, budget: float | None = None) -> list[float] | None:
-    """Median seconds of each callable over `reps` rounds, one call of each per round, after a
-    warm-up round. None when the warm-up round says the rounds would exceed `budget` seconds."""
+def time_interleaved(fns, reps: int, budget: float | None = None) -> list[list[float]] | None:
+    """Seconds of each call of each callable over `reps` rounds, one call of each per round, after
+    a warm-up round. None when the warm-up round says the rounds would exceed `budget` seconds."""
     start = time.perf_counter()
     for f in fns:
         f()
@@ -90,7 +94,7 @@ def time_interleaved(fns, reps: int, budget: float | None = None) -> list[float]
             t0 = time.perf_counter()
             f()
             t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
 
 
 # ----------------------------------------------------------------------------- layer
@@ -126,6 +130,20 @@ def matmul_flops(dispatch: str, *, T, D, F, E, k, rows, n_mats, einsum_slots) ->
     return 3.0 * flops
 
 
+EXPERTS_ONLY = "experts"  # a pseudo-dispatch: the batched experts alone, no router and no dispatch
+
+
+class ExpertsOnly(nnx.Module):
+    """The layer's experts on its input reshaped to [E, T / E, D]: what the expert matmuls cost in
+    the buffer shapes of top-1 routing at capacity factor 1, whatever the dispatch."""
+
+    def __init__(self, experts: FeedForward, num_experts: int):
+        self.experts, self.num_experts = experts, num_experts
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.experts(x.reshape(self.num_experts, -1, x.shape[-1])).reshape(x.shape)  # [B, L, D]
+
+
 # Skip einsum points whose masks alone would take a quarter of the host's memory.
 MEMORY_LIMIT = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 if hasattr(os, "sysconf") else 2 ** 33
 
@@ -134,19 +152,23 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
     T, L, D, F = _FLAGS.tokens, _FLAGS.seq_len, _FLAGS.d_model, _FLAGS.d_ff
     n_mats = 3 if is_gated(activation) else 2
     cfg = MoEConfig(num_experts=E, k=k, d_ff=F, activation=activation, train_capacity_factor=cf,
-                    group_size=max_group, dispatch=dispatch)
+                    group_size=max_group, dispatch="index" if dispatch == EXPERTS_ONLY else dispatch)
     layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
     G, S = layer.group_shape(T // L, L)
     C = layer.capacity(S)
+    if dispatch == EXPERTS_ONLY:
+        layer = ExpertsOnly(layer.experts, E)
     rec = dict(dispatch=dispatch, num_experts=E, k=k, capacity_factor=cf, group_size=S, capacity=C, tokens=T,
                d_model=D, d_ff=F, activation=activation, gated=is_gated(activation), tokens_per_expert=T * k / E,
-               floor=1 + E / (n_mats * k * F), device=device_line())
+               floor=1.0 if dispatch == EXPERTS_ONLY else 1 + E / (n_mats * k * F), device=device_line())
     slots = E * (S if C is None else C)  # slots per group
     flops = matmul_flops(dispatch, T=T, D=D, F=F, E=E, k=k, rows=G * slots if dispatch != "dropless" else T * k,
                          n_mats=n_mats, einsum_slots=slots)
     estimate = flops / dense["flops"] * dense["seconds"] * (_FLAGS.reps + 1)
     if estimate > _FLAGS.max_seconds:
         return {**rec, "skipped": f"estimated {estimate:.0f} s > --max_seconds={_FLAGS.max_seconds:.0f}"}
+    if dispatch == EXPERTS_ONLY and G * slots != T:
+        return {**rec, "skipped": "experts-only needs buffers of T rows (k = 1, capacity factor 1, C = S / E)"}
     masks = 4 * 4 * T * slots if dispatch == "einsum" else 0  # float32 [G, S, E, C] x (2 masks + 2 gradients)
     if masks > MEMORY_LIMIT:
         return {**rec, "skipped": f"one-hot masks need about {masks / 2 ** 30:.1f} GiB"}
@@ -157,8 +179,12 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
     times = time_interleaved([call, dense["call"]], _FLAGS.reps, budget=_FLAGS.max_seconds)
     if times is None:
         return {**rec, "skipped": f"warm-up round x {_FLAGS.reps} > --max_seconds={_FLAGS.max_seconds:.0f}"}
-    ms, dense_ms = 1e3 * times[0], 1e3 * times[1]
-    return {**rec, "ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms, "temp_bytes": temp_bytes(compiled),
+    ms, dense_ms = (1e3 * statistics.median(t) for t in times)
+    # Each round's MoE call runs next to its dense call: the median of their quotients shrugs off
+    # the load swings of a shared machine better than the quotient of the medians.
+    paired = statistics.median(a / b for a, b in zip(*times))
+    return {**rec, "ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms, "paired_ratio": paired,
+            "temp_bytes": temp_bytes(compiled),
             "dense_temp_bytes": dense["temp_bytes"], "compile_s": compile_s}
 
 
@@ -168,23 +194,23 @@ def dense_twin(k: int, activation: str) -> dict:
         raise app.UsageError(f"--tokens={T} must be a multiple of --seq_len={L}")
     x = jax.random.normal(jax.random.key(0), (T // L, L, D), jnp.float32)
     call, compiled = grad_step(FeedForward(D, F * k, activation=activation, rngs=nnx.Rngs(0)), x)
-    seconds = time_interleaved([call], 1)[0]
+    seconds = time_interleaved([call], 1)[0][0]
     flops = 3.0 * 2 * T * D * F * k * (3 if is_gated(activation) else 2)
     return dict(x=x, call=call, seconds=seconds, flops=flops, temp_bytes=temp_bytes(compiled))
 
 
 TABLE = ("{dispatch:>8} {activation:>6} {num_experts:>4} {k:>2} {capacity_factor:>5} {group_size:>6} {capacity!s:>5} "
-         "{tokens_per_expert:>8.0f} {ms:>9} {dense_ms:>9} {ratio:>6} {floor:>6.3f} {temp:>9}")
+         "{tokens_per_expert:>8.0f} {ms:>9} {dense_ms:>9} {ratio:>6} {paired_ratio:>6} {floor:>6.3f} {temp:>9}")
 
 
 def print_row(rec: dict) -> None:
     if _FLAGS.json:
         return emit(rec)
     if "skipped" in rec:
-        cells = dict(ms="-", dense_ms="-", ratio="-", temp="skipped: " + rec["skipped"])
+        cells = dict(ms="-", dense_ms="-", ratio="-", paired_ratio="-", temp="skipped: " + rec["skipped"])
     else:
         cells = dict(ms=f"{rec['ms']:.1f}", dense_ms=f"{rec['dense_ms']:.1f}", ratio=f"{rec['ratio']:.3f}",
-                     temp=f"{rec['temp_bytes'] / 2 ** 20:.1f}")
+                     paired_ratio=f"{rec['paired_ratio']:.3f}", temp=f"{rec['temp_bytes'] / 2 ** 20:.1f}")
     print(TABLE.format(**{**rec, **cells}), flush=True)
 
 
@@ -194,7 +220,8 @@ def run_layer() -> None:
               f"median of {_FLAGS.reps} interleaved calls (forward + backward)")
         print(TABLE.replace(":>8.0f", ":>8").replace(":>6.3f", ":>6").format(
             dispatch="dispatch", activation="act", num_experts="E", k="k", capacity_factor="cf", group_size="S",
-            capacity="C", tokens_per_expert="tok/exp", ms="ms", dense_ms="dense ms", ratio="ratio", floor="floor",
+            capacity="C", tokens_per_expert="tok/exp", ms="ms", dense_ms="dense ms", ratio="ratio", paired_ratio="paired",
+            floor="floor",
             temp="temp MiB"))
     for activation in _FLAGS.activation:
         for k in map(int, _FLAGS.k):
@@ -287,7 +314,7 @@ def run_train() -> None:
         for b in benches:
             b.start()
         times = time_interleaved(benches, _FLAGS.steps or _FLAGS.reps)
-        for b, seconds in zip(benches, times):
+        for b, seconds in zip(benches, map(statistics.median, times)):
             b.record.update(step_ms=1e3 * seconds, tokens_per_s=b.tokens / seconds,
                             examples_per_s=b.config.batch_size / seconds, steps=_FLAGS.steps or _FLAGS.reps)
     for b in benches:
