@@ -12,12 +12,13 @@ layer: forward + backward (gradients of the parameters and of the input; loss = 
 same run of the dense FFN of width F x k with the same activation. Each time is the median of
 --reps jitted calls after a warm-up, the MoE and dense calls interleaved so that a busy machine
 slows both alike; ratio = ms / dense_ms, paired = the median over rounds of each MoE call's
-time over the dense call's next to it (steadier when the load swings). temp_bytes is the compiled program's temporary memory (memory_analysis()).
-floor = 1 + E / (n k F), n = 2 matmuls per plain expert and 3 per gated one: the router's D x E
-matmul against the dense twin's; it is the least `ms / dense_ms` can be at capacity factor 1.
-tok/exp = T k / E; below a few hundred, reading the E x D x F weights and writing their
-gradients costs more than the matmuls themselves; `--dispatch=experts` times the batched experts
-alone (input reshaped to [E, T / E, D], no router, no dispatch) to show that share. A point whose
+time over the dense call's next to it (steadier when the load swings). temp_bytes is the
+compiled program's temporary memory (memory_analysis()). floor = 1 + E / (n k F), n = 2 matmuls
+per plain expert and 3 per gated one: the router's D x E matmul against the dense twin's; it is
+the least `ms / dense_ms` can be at capacity factor 1. tok/exp = T k / E; with few tokens per
+expert, reading (and packing) the E x D x F weights and writing their gradients is a cost per
+expert that the rows no longer amortise; `--dispatch=experts` times the batched experts alone
+(input reshaped to [E, T / E, D], no router, no dispatch) to show that share. A point whose
 estimated time exceeds --max_seconds (from its FLOPs and the dense twin's measured speed) is
 skipped and said so.
 
@@ -184,8 +185,7 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
     # the load swings of a shared machine better than the quotient of the medians.
     paired = statistics.median(a / b for a, b in zip(*times))
     return {**rec, "ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms, "paired_ratio": paired,
-            "temp_bytes": temp_bytes(compiled),
-            "dense_temp_bytes": dense["temp_bytes"], "compile_s": compile_s}
+            "temp_bytes": temp_bytes(compiled), "dense_temp_bytes": dense["temp_bytes"], "compile_s": compile_s}
 
 
 def dense_twin(k: int, activation: str) -> dict:
