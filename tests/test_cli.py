@@ -87,8 +87,10 @@ def test_kill_9_and_restart_equal_an_uninterrupted_run(setup, trained):
     _, reference = trained
     workdir = setup.root / "killed"
     job = setup.start("killed", workdir)
-    # Killed once step 3 is logged: the checkpoint of step 2 is written (or being written).
-    assert cli.wait_until(lambda: cli.last_logged_step(workdir) >= 3, job), job.report()
+    # Killed once step 3 is logged and the step-2 checkpoint is complete (the checkpoint is written
+    # asynchronously; kills in the middle of a write are tests/faults' job).
+    assert cli.wait_until(
+        lambda: cli.last_logged_step(workdir) >= 3 and cli.checkpoints(workdir)[0], job), job.report()
     job.kill()
     assert job.proc.returncode == -signal.SIGKILL
     complete, _ = cli.checkpoints(workdir)
