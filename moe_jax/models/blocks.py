@@ -7,6 +7,8 @@ unit over its depth (jax.lax.scan through nnx.scan), so compile time does not gr
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -17,6 +19,19 @@ from moe_jax.models.config import ModelConfig
 from moe_jax.moe_layer import MoEAux, MoELayer
 
 
+@functools.partial(jax.checkpoint, static_argnums=(2, 3))
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
+    """x [..., D] (any dtype) -> [..., D] in `dtype`; float32 inside.
+
+    Checkpointed: the backward pass recomputes the float32 internals from x instead of saving
+    them, so a scanned stack stores no float32 copy of a bfloat16 activation per norm (less
+    memory, and fewer stacked residuals for the compiler to handle).
+    """
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)  # [..., D]
+    return (y * scale).astype(dtype)
+
+
 class RMSNorm(nnx.Module):
     """T5's layer norm: scale by the root mean square, no centring and no bias; float32 inside."""
 
@@ -25,9 +40,7 @@ class RMSNorm(nnx.Module):
         self.eps, self.dtype = eps, dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
-        y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)  # [..., D]
-        return (y * self.scale[...]).astype(self.dtype)
+        return rms_norm(x, self.scale[...], self.eps, self.dtype)
 
 
 class Layer(nnx.Module):
