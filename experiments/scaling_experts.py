@@ -4,27 +4,46 @@ same steps, 3 seeds each. The paper: at a fixed number of steps quality improves
 the number of experts, at the same FLOPs per token.
 
     python -m experiments.scaling_experts            # 18 runs; see experiments/README.md for the time
+    python -m experiments.scaling_experts --long     # dense, 2, 8, 32 experts; seed 0; 2,000 steps;
+                                                     # 8 and 32 experts also with batch-wide groups
+
+The long variant checks whether the gain the paper shows appears once the experts have had
+more updates than the 200-step runs give them.
 """
+import sys
+
 from experiments import report, runner
 from experiments.report import fmt, mean_std
 
 NAME = "scaling_experts"
 SEEDS = (0, 1, 2)
 EXPERTS = (2, 4, 8, 16, 32)
+# The long variant also routes in groups of the whole batch (16 sequences, 2,048 encoder tokens)
+# instead of one 128-token sequence: with 32 experts a sequence gives each expert 4 tokens and 5
+# slots, so chance fluctuations drop many tokens; the paper's groups give each expert hundreds.
+LONG = dict(name="scaling_experts_long", seeds=(0,), experts=(2, 8, 32), steps=2000, eval_every=250,
+            batch_groups=(8, 32))
+BATCH_GROUP = 2048  # moe.group_size: the most tokens per routing group
 
 
-def runs() -> list[runner.Run]:
+def runs(seeds=SEEDS, experts=EXPERTS, batch_groups=()) -> list[runner.Run]:
+    """Dense and Switch runs; `batch_groups`: numbers of experts also run with batch-wide groups."""
     out = []
-    for seed in SEEDS:
+    for seed in seeds:
         out.append(runner.Run(f"dense_s{seed}", "dense_tiny.py", {"seed": seed}, group="dense"))
-        for e in EXPERTS:
+        for e in experts:
             out.append(runner.Run(f"switch_e{e}_s{seed}", "switch_tiny.py",
                                   {"seed": seed, "moe.num_experts": e, "moe.train_capacity_factor": 1.25},
                                   group=f"switch {e} experts"))
+        for e in batch_groups:
+            out.append(runner.Run(f"switch_e{e}_g{BATCH_GROUP}_s{seed}", "switch_tiny.py",
+                                  {"seed": seed, "moe.num_experts": e, "moe.train_capacity_factor": 1.25,
+                                   "moe.group_size": BATCH_GROUP},
+                                  group=f"switch {e} experts, batch groups"))
     return out
 
 
-def write_report(results: list[dict], out) -> None:
+def write_report(results: list[dict], out, command: str = "python -m experiments.scaling_experts") -> None:
     groups = report.by_group(results)
     report.plot_curves(groups, out / "eval_loss.png", "Switch: number of experts")
     dense = groups["dense"]
@@ -37,14 +56,15 @@ def write_report(results: list[dict], out) -> None:
                      fmt(sum(r["examples_per_sec"] for r in rs) / len(rs), ".1f"),
                      fmt(sum(r["dropped_fraction"] or 0 for r in rs) / len(rs), ".3f")])
     steps = results[0]["overrides"]["num_train_steps"]
+    seeds = tuple(sorted({r["overrides"]["seed"] for r in results}))
     table = report.markdown_table(["model", "seeds", f"eval loss at step {steps} (mean ± sd)", "vs dense",
                                    "eval accuracy", "examples/s", "dropped (train)"], rows)
     (out / "README.md").write_text(f"""# Experiment 1: scaling the number of experts
 
-Command: `python -m experiments.scaling_experts` (results below are what it wrote).
+Command: `{command}` (results below are what it wrote).
 switch_tiny (encoder-decoder, d_model 128, MoE in every second FFN, top-1, capacity factor 1.25)
 with 2-32 experts against dense_tiny, its FLOP-matched dense twin; {steps} steps of 16 sequences
-on the offline corpus, seeds {SEEDS}. Eval loss is the token cross-entropy on the validation
+on the offline corpus, seeds {seeds}. Eval loss is the token cross-entropy on the validation
 split (= minus the negative log perplexity).
 
 {table}
@@ -54,4 +74,10 @@ split (= minus the negative log perplexity).
 
 
 if __name__ == "__main__":
-    runner.main(NAME, runs(), write_report, steps=200, eval_every=50)
+    if "--long" in sys.argv:
+        sys.argv.remove("--long")
+        runner.main(LONG["name"], runs(LONG["seeds"], LONG["experts"], LONG["batch_groups"]),
+                    lambda results, out: write_report(results, out, "python -m experiments.scaling_experts --long"),
+                    steps=LONG["steps"], eval_every=LONG["eval_every"])
+    else:
+        runner.main(NAME, runs(), write_report, steps=200, eval_every=50)

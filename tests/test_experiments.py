@@ -26,6 +26,9 @@ def apply(config, overrides):
 def test_every_run_of_an_experiment_is_a_valid_config(experiment):
     runs = experiment.runs()
     assert len({r.name for r in runs}) == len(runs)
+    if experiment is scaling_experts:
+        long = scaling_experts.LONG
+        runs += scaling_experts.runs(long["seeds"], long["experts"], long["batch_groups"])
     for run in runs:
         config = importlib.import_module("configs." + run.config.removesuffix(".py")).get_config()
         apply(config, {**runner.common_overrides(200, 50), **run.overrides})
