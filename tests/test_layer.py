@@ -213,3 +213,36 @@ def test_group_size_is_a_maximum():
     assert make(group_size=25).group_shape(4, 10) == (2, 20)  # two whole sequences
     assert make(group_size=30).group_shape(4, 10) == (2, 20)  # 3 does not divide the batch of 4
     assert make(group_size=4).group_shape(4, 10) == (20, 2)  # the largest divisor of 10 that is <= 4
+
+
+@pytest.mark.parametrize("dispatch_name", ["index", "einsum"])
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_one_expert_without_drops_is_the_dense_ffn(dispatch_name, activation):
+    """With one expert every gate is 1 and, at capacity factor >= 1, nothing is dropped: the layer
+    must equal a dense FFN holding the same weights, in value and in every gradient. A scale, a
+    lost token or a gate applied twice anywhere between router and combine would show here."""
+    from moe_jax.experts import FeedForward  # noqa: PLC0415
+
+    layer = make(num_experts=1, k=1, train_capacity_factor=1.0, dispatch=dispatch_name, activation=activation)
+    dense = FeedForward(D, 16, activation=activation, rngs=nnx.Rngs(1))
+    dense.wo[...] = layer.experts.wo[0]
+    for w_dense, w_expert in zip(dense.wi, layer.experts.wi):
+        w_dense[...] = w_expert[0]
+    x = x_batch()
+
+    def value_and_grads(module, fn):
+        graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+        def loss(params, x):
+            return jnp.sum(jnp.sin(fn(nnx.merge(graphdef, params, rest, copy=True), x)))
+        return jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+
+    moe_value, (moe_g, moe_g_x) = value_and_grads(layer, lambda m, x: m(x)[0])
+    dense_value, (dense_g_w, dense_g_x) = value_and_grads(dense, lambda m, x: m(x))
+    moe_g_w = moe_g["experts"]
+    np.testing.assert_allclose(moe_value, dense_value, rtol=1e-5)
+    np.testing.assert_allclose(moe_g_x, dense_g_x, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(moe_g_w["wo"][...][0], dense_g_w["wo"][...], rtol=1e-5, atol=1e-6)
+    assert len(moe_g_w["wi"]) == len(dense_g_w["wi"]) == (2 if activation == "swiglu" else 1)
+    for g_expert, g_dense in zip(moe_g_w["wi"].values(), dense_g_w["wi"].values()):
+        np.testing.assert_allclose(g_expert[...][0], g_dense[...], rtol=1e-5, atol=1e-6)
