@@ -4,26 +4,16 @@ same steps, 3 seeds each. The paper: at a fixed number of steps quality improves
 the number of experts, at the same FLOPs per token.
 
     python -m experiments.scaling_experts            # 18 runs; see experiments/README.md for the time
-    python -m experiments.scaling_experts --long     # dense, 2, 8, 32 experts; seed 0; 2,000 steps;
-                                                     # 8 and 32 experts also with batch-wide groups
 
-The long variant checks whether the gain the paper shows appears once the experts have had
-more updates than the 200-step runs give them.
+experiments/scaling_experts_long.py runs the same models for 2,000 steps.
 """
-import sys
-
 from experiments import report, runner
 from experiments.report import fmt, mean_std
 
 NAME = "scaling_experts"
 SEEDS = (0, 1, 2)
 EXPERTS = (2, 4, 8, 16, 32)
-# The long variant also routes in groups of the whole batch (16 sequences, 2,048 encoder tokens)
-# instead of one 128-token sequence: with 32 experts a sequence gives each expert 4 tokens and 5
-# slots, so chance fluctuations drop many tokens; the paper's groups give each expert hundreds.
-LONG = dict(name="scaling_experts_long", seeds=(0,), experts=(2, 8, 32), steps=2000, eval_every=250,
-            batch_groups=(8, 32))
-BATCH_GROUP = 2048  # moe.group_size: the most tokens per routing group
+BATCH_GROUP = 2048  # moe.group_size of the batch-wide groups: all 16 sequences of a batch
 
 
 def runs(seeds=SEEDS, experts=EXPERTS, batch_groups=()) -> list[runner.Run]:
@@ -43,7 +33,7 @@ def runs(seeds=SEEDS, experts=EXPERTS, batch_groups=()) -> list[runner.Run]:
     return out
 
 
-def write_report(results: list[dict], out, command: str = "python -m experiments.scaling_experts") -> None:
+def write_report(results: list[dict], out) -> None:
     groups = report.by_group(results)
     report.plot_curves(groups, out / "eval_loss.png", "Switch: number of experts")
     dense = groups["dense"]
@@ -61,7 +51,7 @@ def write_report(results: list[dict], out, command: str = "python -m experiments
                                    "eval accuracy", "examples/s", "dropped (train)"], rows)
     (out / "README.md").write_text(f"""# Experiment 1: scaling the number of experts
 
-Command: `{command}` (results below are what it wrote).
+Command: `python -m experiments.{out.name}` (results below are what it wrote).
 switch_tiny (encoder-decoder, d_model 128, MoE in every second FFN, top-1, capacity factor 1.25)
 with 2-32 experts against dense_tiny, its FLOP-matched dense twin; {steps} steps of 16 sequences
 on the offline corpus, seeds {seeds}. Eval loss is the token cross-entropy on the validation
@@ -74,10 +64,4 @@ split (= minus the negative log perplexity).
 
 
 if __name__ == "__main__":
-    if "--long" in sys.argv:
-        sys.argv.remove("--long")
-        runner.main(LONG["name"], runs(LONG["seeds"], LONG["experts"], LONG["batch_groups"]),
-                    lambda results, out: write_report(results, out, "python -m experiments.scaling_experts --long"),
-                    steps=LONG["steps"], eval_every=LONG["eval_every"])
-    else:
-        runner.main(NAME, runs(), write_report, steps=200, eval_every=50)
+    runner.main(NAME, runs(), write_report, steps=200, eval_every=50)

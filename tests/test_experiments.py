@@ -6,7 +6,7 @@ import json
 import pytest
 
 from moe_jax import configuration
-from experiments import routers, runner, scaling_experts, stability, top1_vs_top2
+from experiments import routers, runner, scaling_experts, scaling_experts_long, stability, top1_vs_top2
 
 configuration.make_configs_importable(["x", "--config=configs/switch_tiny.py"])
 
@@ -21,14 +21,11 @@ def apply(config, overrides):
     return config
 
 
-@pytest.mark.parametrize("experiment", [scaling_experts, top1_vs_top2, stability, routers],
+@pytest.mark.parametrize("experiment", [scaling_experts, scaling_experts_long, top1_vs_top2, stability, routers],
                          ids=lambda m: m.NAME)
 def test_every_run_of_an_experiment_is_a_valid_config(experiment):
     runs = experiment.runs()
     assert len({r.name for r in runs}) == len(runs)
-    if experiment is scaling_experts:
-        long = scaling_experts.LONG
-        runs += scaling_experts.runs(long["seeds"], long["experts"], long["batch_groups"])
     for run in runs:
         config = importlib.import_module("configs." + run.config.removesuffix(".py")).get_config()
         apply(config, {**runner.common_overrides(200, 50), **run.overrides})
