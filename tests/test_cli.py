@@ -18,12 +18,8 @@ import pytest
 from tests.faults import cli
 
 STEPS = 6
-SMALL = {
-    "model.d_model": 32, "model.d_ff": 64, "moe.d_ff": 64, "model.num_heads": 2, "model.head_dim": 16,
-    "model.vocab_size": 1100, "data.spm_vocab_size": 1000, "data.corpus_max_files": 30,
-    "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "num_train_steps": STEPS, "log_every_steps": 1,
-    "eval_every_steps": 3, "checkpoint_every_steps": 2, "num_eval_steps": 2,
-}
+SMALL = {**cli.TINY_MODEL, "model.vocab_size": 1100, "num_train_steps": STEPS, "eval_every_steps": 3,
+         "checkpoint_every_steps": 2}
 
 
 class Setup:

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import MoEConfig, MoELayer, dispatch
+from moe_jax.experts import FeedForward
 
 D = 8
 
@@ -221,8 +222,6 @@ def test_one_expert_without_drops_is_the_dense_ffn(dispatch_name, activation):
     """With one expert every gate is 1 and, at capacity factor >= 1, nothing is dropped: the layer
     must equal a dense FFN holding the same weights, in value and in every gradient. A scale, a
     lost token or a gate applied twice anywhere between router and combine would show here."""
-    from moe_jax.experts import FeedForward  # noqa: PLC0415
-
     layer = make(num_experts=1, k=1, train_capacity_factor=1.0, dispatch=dispatch_name, activation=activation)
     dense = FeedForward(D, 16, activation=activation, rngs=nnx.Rngs(1))
     dense.wo[...] = layer.experts.wo[0]

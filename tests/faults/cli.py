@@ -21,6 +21,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Wall-clock fields of metrics.jsonl: they differ between any two runs.
 TIMING_KEYS = ("train/tokens_per_sec", "train/seconds")
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# configs/switch_tiny.py shrunk to train in seconds (d_model 32, 4 x 32 tokens a step, a 30-file
+# corpus with a 1000-piece vocabulary): the suites add the model kind and the schedule.
+TINY_MODEL = {
+    "model.d_model": 32, "model.d_ff": 64, "moe.d_ff": 64, "model.num_heads": 2, "model.head_dim": 16,
+    "data.spm_vocab_size": 1000, "data.corpus_max_files": 30, "batch_size": 4, "seq_len": 32, "warmup_steps": 2,
+    "log_every_steps": 1, "num_eval_steps": 2,
+}
 
 
 def environment(cache_dir: os.PathLike, devices: int | None = None) -> dict[str, str]:

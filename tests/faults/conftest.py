@@ -18,11 +18,9 @@ TERM_GRACE_S = 30  # a preempted run must have saved and exited by then (Cloud T
 SAVE_STEPS = (3, 6, 9, 12)  # checkpoint_every_steps = 3; keep_checkpoints = 3
 EVAL_STEPS = (4, 8, 12)
 TINY = {
-    "model.kind": "decoder", "data.objective": "lm", "model.num_decoder_layers": 2, "model.decoder_moe_every": 1,
-    "model.d_model": 32, "model.d_ff": 64, "moe.d_ff": 64, "model.num_heads": 2, "model.head_dim": 16,
-    "model.vocab_size": 1024, "data.spm_vocab_size": 1000, "data.extra_ids": 0, "data.corpus_max_files": 30,
-    "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "num_train_steps": STEPS, "log_every_steps": 1,
-    "eval_every_steps": 4, "checkpoint_every_steps": 3, "num_eval_steps": 2,
+    **cli.TINY_MODEL, "model.kind": "decoder", "data.objective": "lm", "model.num_decoder_layers": 2,
+    "model.decoder_moe_every": 1, "model.vocab_size": 1024, "data.extra_ids": 0, "num_train_steps": STEPS,
+    "eval_every_steps": 4, "checkpoint_every_steps": 3,
 }
 
 
