@@ -5,7 +5,7 @@ FLOP-matched dense FFN, and the real training step of any config.
         [--experts=8,32,128] [--k=1,2] [--capacity_factor=1.0,1.25,2.0] [--group_size=1024,8192]
         [--activation=relu,swiglu] [--tokens=32768] [--d_model=128] [--d_ff=512] [--seq_len=512]
     JAX_PLATFORMS=cpu python -m moe_jax.bench train --config=configs/switch_tiny.py \\
-        [--baseline=configs/dense_tiny.py] [--steps=10] [--compile_only] [--json]
+        [--baseline=configs/dense_tiny.py] [--steps=10] [--compile_only] [--compile_reps=3] [--json]
 
 layer: forward + backward (gradients of the parameters and of the input; loss = <y, probe> +
 1e-2 x balance loss + 1e-3 x z-loss) of MoELayer on x [B, L, D] (B x L = --tokens), and in the
@@ -25,7 +25,10 @@ skipped and said so.
 train: lower and compile time, step time and tokens/s (encoder + decoder tokens of a synthetic
 batch) of Trainer's jitted train step. --baseline times a second config in the same process,
 steps interleaved, and prints the ratios; --compile_only compiles on abstract state only (any
-size fits: nothing is allocated) and reports compile times.
+size fits: nothing is allocated) and reports compile times. Lower and compile times are medians
+of --compile_reps rounds, the configs interleaved within each round: the first compile in a
+process also pays the compiler's own warm-up (about 2 s on XLA:CPU), which a single round would
+charge to whichever config comes first.
 """
 from __future__ import annotations
 
@@ -69,6 +72,7 @@ config_flags.DEFINE_config_file("config", None, "train: experiment config file."
 config_flags.DEFINE_config_file("baseline", None, "train: a second config to compare with.", lock_config=True)
 flags.DEFINE_integer("steps", 0, "train: timed steps (0: --reps).")
 flags.DEFINE_bool("compile_only", False, "train: only lower and compile the step on abstract state.")
+flags.DEFINE_integer("compile_reps", 3, "train: rounds of lowering and compiling each config (medians reported).")
 
 
 def device_line() -> str:
@@ -264,19 +268,24 @@ class TrainBench:
         self.name, self.config = name, config
         self.trainer = Trainer(config, configuration.validate(config))
         self.batch = synthetic_batch(self.trainer, config)
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.trainer.batch_sharding)
-                          for k, v in self.batch.items()}
-        step = self.trainer.jit_train_step()
-        t0 = time.perf_counter()
-        lowered = step.lower(self.trainer.abstract_sharded_state(), abstract_batch)
-        t1 = time.perf_counter()
-        self.compiled = lowered.compile()
-        t2 = time.perf_counter()
         self.tokens = sum(v.size for k, v in self.batch.items() if k.endswith("_input_tokens"))
-        self.record = dict(config=name, device=device_line(), lower_s=t1 - t0, compile_s=t2 - t1,
-                           temp_bytes=temp_bytes(self.compiled), tokens_per_step=self.tokens,
+        self.record = dict(config=name, device=device_line(), tokens_per_step=self.tokens,
                            params=sum(math.prod(a.shape) for a in jax.tree.leaves(
                                self.trainer.abstract_state().params)))
+        self.compile_times: list[tuple[float, float]] = []
+
+    def compile(self) -> None:
+        """Lower and compile the step afresh (a new jit, so nothing is cached); times appended."""
+        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.trainer.batch_sharding)
+                          for k, v in self.batch.items()}
+        t0 = time.perf_counter()
+        lowered = self.trainer.jit_train_step().lower(self.trainer.abstract_sharded_state(), abstract_batch)
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        self.compile_times.append((t1 - t0, time.perf_counter() - t1))
+        lower_s, compile_s = zip(*self.compile_times)
+        self.record.update(lower_s=statistics.median(lower_s), compile_s=statistics.median(compile_s),
+                           compile_reps=len(self.compile_times), temp_bytes=temp_bytes(self.compiled))
 
     def start(self) -> None:
         self.state = self.trainer.create_state(self.config.seed)
@@ -310,6 +319,11 @@ def run_train() -> None:
     benches = [TrainBench(config_name("config"), _FLAGS.config)]
     if _FLAGS.baseline is not None:
         benches.append(TrainBench(config_name("baseline"), _FLAGS.baseline))
+    if _FLAGS.compile_reps < 1:
+        raise app.UsageError(f"--compile_reps must be >= 1, got {_FLAGS.compile_reps}")
+    for _ in range(_FLAGS.compile_reps):
+        for b in benches:
+            b.compile()
     if not _FLAGS.compile_only:
         for b in benches:
             b.start()
@@ -322,7 +336,8 @@ def run_train() -> None:
         emit(r)
         if not _FLAGS.json:
             line = (f"{r['config']}: {r['params'] / 1e6:.1f}M parameters, lower {r['lower_s']:.1f} s, "
-                    f"compile {r['compile_s']:.1f} s, temp {r['temp_bytes'] / 2 ** 20:.0f} MiB")
+                    f"compile {r['compile_s']:.1f} s (medians of {r['compile_reps']}), "
+                    f"temp {r['temp_bytes'] / 2 ** 20:.0f} MiB")
             if "step_ms" in r:
                 line += (f", step {r['step_ms']:.1f} ms (median of {r['steps']}), {r['tokens_per_s']:,.0f} tokens/s, "
                          f"{r['examples_per_s']:.1f} examples/s")

@@ -48,7 +48,8 @@ def test_layer_benchmark_skips_points_over_the_time_limit():
 def test_train_benchmark_times_a_config_against_a_baseline():
     first, second, ratio = run_bench("train", "--config=configs/switch_tiny.py", *TINY_MODEL,
                                      "--baseline=configs/dense_tiny.py", *[f.replace("--config.", "--baseline.")
-                                                                          for f in TINY_MODEL], "--steps=2")
+                                                                          for f in TINY_MODEL], "--steps=2",
+                                     "--compile_reps=1")
     assert first["config"].startswith("configs/switch_tiny.py") and second["config"].startswith("configs/dense_tiny")
     for r in (first, second):
         assert r["tokens_per_step"] == 4 * (16 + 8)
@@ -59,6 +60,7 @@ def test_train_benchmark_times_a_config_against_a_baseline():
 
 
 def test_train_benchmark_compile_only():
-    (record,) = run_bench("train", "--config=configs/switch_tiny.py", *TINY_MODEL, "--compile_only")
+    (record,) = run_bench("train", "--config=configs/switch_tiny.py", *TINY_MODEL, "--compile_only", "--compile_reps=2")
     assert record["compile_s"] > 0 and record["lower_s"] > 0
+    assert record["compile_reps"] == 2  # medians over two fresh lower + compile rounds
     assert "step_ms" not in record
