@@ -176,7 +176,7 @@ def main(argv):
         over = ("" if "peak_bytes" not in report
                 else f" needs {(report['peak_bytes'] - report['hbm_bytes']) / GIB:.2f} GiB more than a device's HBM and")
         sys.exit(f"error: the step{over} does not fit: shard more (config.mesh_shape), lower config.batch_size, "
-                 "raise config.grad_accum_steps, or set config.model.remat=True")
+                 "raise config.grad_accum_steps, or set config.model.remat='minimal' or 'full'")
 
 
 def run() -> None:

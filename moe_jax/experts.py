@@ -12,8 +12,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
+EXPERT_MATMUL = "expert_matmul"  # name of the experts' matmul outputs, which remat 'minimal' keeps
 _ACT: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
 
@@ -58,7 +60,7 @@ class FeedForward(nnx.Module):
         x = x.astype(self.dtype)
         if group_sizes is not None:
             def ragged(a, w):  # [N, D] x [E, D, F] -> [N, F], rows grouped by expert
-                return jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes)
+                return checkpoint_name(jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes), EXPERT_MATMUL)
             return self._apply(x, ragged)
         if self.num_experts is None:
             # Rows as one [N, D] matrix: with several leading axes XLA:CPU transposes the [B, L, F]
@@ -69,7 +71,7 @@ class FeedForward(nnx.Module):
             return y.reshape(*x.shape[:-1], y.shape[-1])
 
         def batched(a, w):  # [E, N, D] x [E, D, F] -> [E, N, F]
-            return jnp.einsum("end,edf->enf", a, w.astype(self.dtype))
+            return checkpoint_name(jnp.einsum("end,edf->enf", a, w.astype(self.dtype)), EXPERT_MATMUL)
         return self._apply(x, batched)
 
     def _apply(self, x: jax.Array, matmul) -> jax.Array:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
+from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import routing, sharding
@@ -20,6 +21,9 @@ from moe_jax.router import Router
 
 
 EXPERT_MAJOR = ("expert", "expert_tokens", "embed")  # logical axes of [E, G*C, D] buffers
+# The expert buffers after the dispatch's all-to-all: remat 'minimal' keeps them, so the backward
+# pass does not repeat that all-to-all to recompute them.
+EXPERT_INPUTS = "expert_inputs"
 
 
 @struct.dataclass
@@ -99,7 +103,7 @@ class MoELayer(nnx.Module):
                 outputs = self.experts(rows, group_sizes)  # [N, D], grouped by expert
             else:
                 # Token-major -> expert-major: with experts sharded, XLA moves tokens by an all-to-all here.
-                inputs = sharding.constrain(inputs, EXPERT_MAJOR)  # [E, G*C, D]
+                inputs = checkpoint_name(sharding.constrain(inputs, EXPERT_MAJOR), EXPERT_INPUTS)  # [E, G*C, D]
                 outputs = sharding.constrain(self.experts(inputs), EXPERT_MAJOR)  # [E, G*C, D]
             y = sharding.constrain(receive(outputs, ctx), ("batch", None, "embed"))  # [G, S, D]
         y = y.reshape(B, L, D).astype(self.dtype)

@@ -204,14 +204,29 @@ def test_scan_equals_unrolled(kind):
             np.testing.assert_allclose(leaf[u], g_unrolled[u][i], rtol=1e-4, atol=1e-6)
 
 
-def test_remat_changes_nothing_but_memory():
+@pytest.mark.parametrize("policy", ["minimal", "full"])
+def test_remat_changes_nothing_but_memory(policy):
     a = build_model(tiny(), rngs=nnx.Rngs(0))
-    b = build_model(tiny(remat=True), rngs=nnx.Rngs(0))
+    b = build_model(tiny(remat=policy), rngs=nnx.Rngs(0))
     x = tokens()
     grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(x)[0] ** 2)))
     ga, gb = grad(a), grad(b)
     for u, v in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7)
+
+
+def test_remat_policies_keep_less_for_the_backward_pass():
+    """'minimal' keeps the matmul outputs only and 'full' each unit's input only: the compiled
+    gradient's temporary memory must shrink in that order (a policy that did nothing would not)."""
+    x = tokens(B=4, L=32)
+
+    def temp_bytes(policy):
+        graphdef, params, rest = nnx.split(build_model(tiny(remat=policy), rngs=nnx.Rngs(0)), nnx.Param, ...)
+        loss = lambda p, r: jnp.mean(nnx.merge(graphdef, p, r, copy=True)(x)[0] ** 2)  # noqa: E731
+        return jax.jit(jax.grad(loss)).lower(params, rest).compile().memory_analysis().temp_size_in_bytes
+
+    none, minimal, full = map(temp_bytes, ("none", "minimal", "full"))
+    assert none > minimal > full, (none, minimal, full)
 
 
 @pytest.mark.parametrize("opts,message", [
@@ -223,6 +238,7 @@ def test_remat_changes_nothing_but_memory():
     (dict(position="alibi"), "model.position must be one of"),
     (dict(position="rope", head_dim=5), "model.head_dim must be even"),
     (dict(dtype="float16"), "model.dtype must be one of"),
+    (dict(remat=True), "model.remat must be one of"),
     (dict(moe={"router": "expert_choice"}), "moe.router='expert_choice'.*decoder_moe_every=0"),
     (dict(moe={"order": "rank_major"}), "moe.order='rank_major'"),
 ])

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_jax.experts import FeedForward
+from moe_jax.experts import EXPERT_MATMUL, FeedForward
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig
-from moe_jax.moe_layer import MoEAux, MoELayer
+from moe_jax.moe_layer import EXPERT_INPUTS, MoEAux, MoELayer
 
 
 @functools.partial(jax.checkpoint, static_argnums=(2, 3))
@@ -30,6 +30,25 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float, dtype) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)  # [..., D]
     return (y * scale).astype(dtype)
+
+
+def remat_policy(name: str):
+    """What a unit keeps for the backward pass under model.remat; the rest is recomputed there.
+
+    'none': everything (no rematerialisation). 'minimal': the outputs of matmuls against weights
+    (attention projections, FFNs, router, experts; MaxText's 'minimal') and the dispatched expert
+    buffers, recomputing norms, activations, attention scores and routing decisions from them; the
+    weights' compute-dtype casts are recomputed too instead of being stacked per layer. 'full':
+    only the unit's input. (A stack of a single unit saves nothing: XLA removes its one-trip scan
+    loop and may merge the recomputation back into the forward pass.)
+    """
+    if name == "minimal":
+        return jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # [.., D] x [D, ..]: no batch axes
+            jax.checkpoint_policies.save_only_these_names(EXPERT_INPUTS, EXPERT_MATMUL))  # [E, G*C, D] buffers
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    raise ValueError(f"no remat policy {name!r}")
 
 
 class RMSNorm(nnx.Module):
@@ -128,8 +147,9 @@ class Stack(nnx.Module):
         def run(unit, x, caches):
             return unit(x, caches, **kwargs)
 
-        if self.remat:
-            run = nnx.remat(run)
+        if self.remat != "none":
+            # prevent_cse only matters outside a scan (JAX's advice for scanned remat).
+            run = nnx.remat(run, policy=remat_policy(self.remat), prevent_cse=not self.scan)
         if self.scan:
             @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
             def step(x, unit, caches):

@@ -18,6 +18,7 @@ from moe_jax.moe_config import MoEConfig
 KINDS = ("encoder_decoder", "decoder")
 POSITIONS = ("relative", "rope")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REMAT_POLICIES = ("none", "minimal", "full")  # see models.blocks.remat_policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ class ModelConfig:
     norm_eps: float = 1e-6
     dtype: str = "float32"  # activations; parameters stay float32
     scan_layers: bool = True
-    remat: bool = False  # recompute each unit's activations in the backward pass
+    remat: str = "none"  # recompute activations in the backward pass: "none", "minimal" or "full"
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -59,6 +60,8 @@ class ModelConfig:
             fail("activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}")
         if self.dtype not in DTYPES:
             fail("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.remat not in REMAT_POLICIES:
+            fail("remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
         for field in ("vocab_size", "d_model", "num_heads", "d_ff", "num_decoder_layers", "relative_buckets",
                       "relative_max_distance"):
             value = getattr(self, field)
