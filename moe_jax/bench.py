@@ -285,7 +285,8 @@ class TrainBench:
         self.compile_times.append((t1 - t0, time.perf_counter() - t1))
         lower_s, compile_s = zip(*self.compile_times)
         self.record.update(lower_s=statistics.median(lower_s), compile_s=statistics.median(compile_s),
-                           compile_reps=len(self.compile_times), temp_bytes=temp_bytes(self.compiled))
+                           compile_reps=len(self.compile_times), compile_s_rounds=list(compile_s),
+                           temp_bytes=temp_bytes(self.compiled))
 
     def start(self) -> None:
         self.state = self.trainer.create_state(self.config.seed)
@@ -336,7 +337,8 @@ def run_train() -> None:
         emit(r)
         if not _FLAGS.json:
             line = (f"{r['config']}: {r['params'] / 1e6:.1f}M parameters, lower {r['lower_s']:.1f} s, "
-                    f"compile {r['compile_s']:.1f} s (medians of {r['compile_reps']}), "
+                    f"compile {r['compile_s']:.1f} s (medians of {r['compile_reps']}; compile rounds "
+                    f"{', '.join(f'{t:.1f}' for t in r['compile_s_rounds'])} s), "
                     f"temp {r['temp_bytes'] / 2 ** 20:.0f} MiB")
             if "step_ms" in r:
                 line += (f", step {r['step_ms']:.1f} ms (median of {r['steps']}), {r['tokens_per_s']:,.0f} tokens/s, "

@@ -62,5 +62,6 @@ def test_train_benchmark_times_a_config_against_a_baseline():
 def test_train_benchmark_compile_only():
     (record,) = run_bench("train", "--config=configs/switch_tiny.py", *TINY_MODEL, "--compile_only", "--compile_reps=2")
     assert record["compile_s"] > 0 and record["lower_s"] > 0
-    assert record["compile_reps"] == 2  # medians over two fresh lower + compile rounds
+    assert record["compile_reps"] == 2 and len(record["compile_s_rounds"]) == 2  # two fresh rounds
+    assert min(record["compile_s_rounds"]) <= record["compile_s"] <= max(record["compile_s_rounds"])
     assert "step_ms" not in record
