@@ -317,11 +317,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def run_train() -> None:
     if _FLAGS.config is None:
         raise app.UsageError("train needs --config=configs/<experiment>.py")
+    if _FLAGS.compile_reps < 1:
+        raise app.UsageError(f"--compile_reps must be >= 1, got {_FLAGS.compile_reps}")
     benches = [TrainBench(config_name("config"), _FLAGS.config)]
     if _FLAGS.baseline is not None:
         benches.append(TrainBench(config_name("baseline"), _FLAGS.baseline))
-    if _FLAGS.compile_reps < 1:
-        raise app.UsageError(f"--compile_reps must be >= 1, got {_FLAGS.compile_reps}")
     for _ in range(_FLAGS.compile_reps):
         for b in benches:
             b.compile()
