@@ -272,14 +272,14 @@ class TrainBench:
         self.record = dict(config=name, device=device_line(), tokens_per_step=self.tokens,
                            params=sum(math.prod(a.shape) for a in jax.tree.leaves(
                                self.trainer.abstract_state().params)))
+        self.abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.trainer.batch_sharding)
+                               for k, v in self.batch.items()}
         self.compile_times: list[tuple[float, float]] = []
 
     def compile(self) -> None:
         """Lower and compile the step afresh (a new jit, so nothing is cached); times appended."""
-        abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.trainer.batch_sharding)
-                          for k, v in self.batch.items()}
         t0 = time.perf_counter()
-        lowered = self.trainer.jit_train_step().lower(self.trainer.abstract_sharded_state(), abstract_batch)
+        lowered = self.trainer.jit_train_step().lower(self.trainer.abstract_sharded_state(), self.abstract_batch)
         t1 = time.perf_counter()
         self.compiled = lowered.compile()
         self.compile_times.append((t1 - t0, time.perf_counter() - t1))
