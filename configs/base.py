@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
         d_ff=512, activation="relu", num_encoder_layers=2, num_decoder_layers=2, encoder_moe_every=2,
         decoder_moe_every=2, moe_extra_dense_ffn=False, position="relative", relative_buckets=32,
         relative_max_distance=128, rope_theta=10000.0, tie_embeddings=False, dropout_rate=0.0, norm_eps=1e-6,
-        dtype="float32", scan_layers=True, remat="none"))
+        dtype="float32", scan_layers=True, remat="none", init_scale=1.0))
 
     config.moe = ml_collections.ConfigDict(dict(
         num_experts=8, k=1, router="top_k", d_ff=512, activation="relu", train_capacity_factor=1.25,

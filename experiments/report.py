@@ -1,6 +1,7 @@
 """Tables (Markdown) and plots (PNG) from the runs' JSON results, shared by the experiments."""
 from __future__ import annotations
 
+import json
 import pathlib
 from collections import defaultdict
 
@@ -25,6 +26,13 @@ def mean_std(values) -> str:
     if len(values) == 1:
         return f"{values[0]:.4f}"
     return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def seed_spread(experiment: str, group: str) -> float:
+    """Seed standard deviation of a group's final eval loss in another experiment's committed runs."""
+    runs_dir = pathlib.Path(__file__).resolve().parent / "results" / experiment / "runs"
+    runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
+    return float(np.std([r["final_eval_loss"] for r in runs if r["group"] == group], ddof=1))
 
 
 def fmt(value, spec=".3f") -> str:

@@ -30,8 +30,17 @@ def check_activation(activation: str) -> None:
 
 
 def fan_in_init(scale: float = 1.0):
-    """Truncated normal with std sqrt(scale / fan_in), fan_in = axis -2 (T5 / Switch init)."""
-    return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1)
+    """Truncated normal with std sqrt(scale / fan_in), fan_in = the size of axis -2 (T5 / Switch init).
+
+    Axes before the last two (the experts of [E, D, F]) are batch axes: each expert is initialised
+    as its own [D, F] matrix. Counted as receptive field instead, they would shrink every expert's
+    std by sqrt(E) and, under Adafactor's parameter-scaled updates, its learning rate with it.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        batch = tuple(range(len(shape) - 2))
+        return nnx.initializers.variance_scaling(scale, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1,
+                                                 batch_axis=batch)(key, shape, dtype)
+    return init
 
 
 class FeedForward(nnx.Module):
@@ -42,14 +51,16 @@ class FeedForward(nnx.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, *, num_experts: int | None = None, activation: str = "relu",
-                 dropout_rate: float = 0.0, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout_rate: float = 0.0, init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         check_activation(activation)
         self.activation, self.dtype, self.num_experts = activation, dtype, num_experts
         lead = () if num_experts is None else (num_experts,)
         lead_name = () if num_experts is None else ("expert",)
 
         def param(shape, names):
-            return nnx.Param(fan_in_init()(rngs.params(), lead + shape, param_dtype), out_sharding=lead_name + names)
+            return nnx.Param(fan_in_init(init_scale)(rngs.params(), lead + shape, param_dtype),
+                             out_sharding=lead_name + names)
 
         n_in = 2 if is_gated(activation) else 1
         self.wi = nnx.List([param((d_model, d_ff), ("embed", "mlp")) for _ in range(n_in)])

@@ -46,17 +46,19 @@ def default_dispatch(cfg: MoEConfig) -> str:
 
 
 class MoELayer(nnx.Module):
-    def __init__(self, cfg: MoEConfig, d_model: int, *, causal: bool = False, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, cfg: MoEConfig, d_model: int, *, causal: bool = False, init_scale: float = 1.0,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        """init_scale: variance scale of the experts' weights (model.init_scale); the router has its own."""
         if causal:
             cfg.check_causal()
         self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
         self.dispatch = default_dispatch(cfg) if cfg.dispatch == "auto" else cfg.dispatch
         self.router = Router(cfg, d_model, rngs=rngs)
         self.experts = FeedForward(d_model, cfg.d_ff, num_experts=cfg.num_experts, activation=cfg.activation,
-                                   dropout_rate=cfg.expert_dropout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                   dropout_rate=cfg.expert_dropout, init_scale=init_scale, dtype=dtype,
+                                   param_dtype=param_dtype, rngs=rngs)
         self.shared = (FeedForward(d_model, cfg.d_ff * cfg.num_shared_experts, activation=cfg.activation,
-                                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                   init_scale=init_scale, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                        if cfg.num_shared_experts else None)
         self.deterministic = False
 

@@ -245,3 +245,20 @@ def test_one_expert_without_drops_is_the_dense_ffn(dispatch_name, activation):
     assert len(moe_g_w["wi"]) == len(dense_g_w["wi"]) == (2 if activation == "swiglu" else 1)
     for g_expert, g_dense in zip(moe_g_w["wi"].values(), dense_g_w["wi"].values()):
         np.testing.assert_allclose(g_expert[...][0], g_dense[...], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_experts", [1, 8, 64])
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_each_expert_is_initialised_like_the_dense_ffn(num_experts, activation):
+    """Every expert's [D, F] and [F, D] matrices have the dense FFN's init std sqrt(1 / fan_in),
+    whatever E. Found by the science diagnosis (experiments/results/diagnosis): the expert axis
+    counted into fan-in shrank each expert's std by sqrt(E), so a model with more experts started
+    smaller and, under Adafactor's parameter-scaled updates, learned more slowly."""
+    d_model, d_ff = 64, 256
+    experts = FeedForward(d_model, d_ff, num_experts=num_experts, activation=activation, rngs=nnx.Rngs(0))
+    dense = FeedForward(d_model, d_ff, activation=activation, rngs=nnx.Rngs(0))
+    for w_experts, w_dense, fan_in in [(experts.wo, dense.wo, d_ff)] + [
+            (we, wd, d_model) for we, wd in zip(experts.wi, dense.wi)]:
+        per_expert = np.std(np.asarray(w_experts[...]), axis=(1, 2))  # [E]
+        np.testing.assert_allclose(per_expert, fan_in ** -0.5, rtol=0.05)
+        assert np.std(np.asarray(w_dense[...])) == pytest.approx(fan_in ** -0.5, rel=0.05)

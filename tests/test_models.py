@@ -257,3 +257,27 @@ def test_group_wide_routers_are_allowed_in_the_encoder():
 def test_unknown_model_field():
     with pytest.raises(ValueError, match="unknown field.*model.num_layer"):
         ModelConfig.from_dict({"num_layer": 3})
+
+
+def test_init_scale_scales_every_weight_matrix_but_embeddings_and_router():
+    """model.init_scale s (Switch Sec. 2.4): every fan-in-initialised matrix has std sqrt(s / fan_in),
+    so at s = 0.1 its std is sqrt(0.1) of the s = 1 model's; embedding tables and the router
+    (moe.router_init_scale) and the norms keep theirs."""
+    def stds(scale):
+        model = build_model(tiny(init_scale=scale, d_model=64, d_ff=96, moe=dict(d_ff=96)), rngs=nnx.Rngs(0))
+        params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        return {"/".join(map(str, k)): float(jnp.std(v[...])) for k, v in params.items() if v[...].ndim >= 2}
+
+    full, small = stds(1.0), stds(0.1)
+    fixed = [k for k in full if any(s in k for s in ("table", "router", "position_bias", "norm"))]
+    scaled = [k for k in full if k not in fixed]
+    assert any("experts" in k for k in scaled) and any("attn" in k for k in scaled) and fixed
+    for k in scaled:
+        assert small[k] / full[k] == pytest.approx(0.1 ** 0.5, rel=0.02), k
+    for k in fixed:
+        assert small[k] == pytest.approx(full[k], rel=1e-6), k
+
+
+def test_init_scale_refuses_non_positive():
+    with pytest.raises(ValueError, match="model.init_scale"):
+        tiny(init_scale=0.0)

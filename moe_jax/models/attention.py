@@ -36,8 +36,9 @@ class Attention(nnx.Module):
         self.num_heads, self.kv_heads, self.head_dim = H, KVH, Dh
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.dtype = cfg.activation_dtype
-        proj_in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
-        proj_out = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        s = cfg.init_scale
+        proj_in = nnx.initializers.variance_scaling(s, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
+        proj_out = nnx.initializers.variance_scaling(s, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
         self.query = nnx.Param(proj_in(rngs.params(), (D, H, Dh)), out_sharding=("embed", "heads", "kv"))
         self.key = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))
         self.value = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))

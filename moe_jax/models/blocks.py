@@ -70,13 +70,15 @@ class Layer(nnx.Module):
             return RMSNorm(cfg.d_model, cfg.norm_eps, dt)
 
         def dense_ffn():
-            return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dtype=dt, rngs=rngs)
+            return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, init_scale=cfg.init_scale, dtype=dt,
+                               rngs=rngs)
 
         self.attn_norm, self.attn = norm(), Attention(cfg, rngs=rngs)
         self.cross_norm = norm() if cross else None
         self.cross = Attention(cfg, rngs=rngs) if cross else None
         self.ffn_norm = norm()
-        self.ffn = MoELayer(cfg.moe, cfg.d_model, causal=causal, dtype=dt, rngs=rngs) if sparse else dense_ffn()
+        self.ffn = (MoELayer(cfg.moe, cfg.d_model, causal=causal, init_scale=cfg.init_scale, dtype=dt, rngs=rngs)
+                    if sparse else dense_ffn())
         extra = sparse and cfg.moe_extra_dense_ffn
         self.extra_norm = norm() if extra else None
         self.extra_ffn = dense_ffn() if extra else None

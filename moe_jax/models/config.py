@@ -46,6 +46,10 @@ class ModelConfig:
     dtype: str = "float32"  # activations; parameters stay float32
     scan_layers: bool = True
     remat: str = "none"  # recompute activations in the backward pass: "none", "minimal" or "full"
+    # Variance scale s of every fan-in-initialised weight matrix (std sqrt(s / fan_in)): attention,
+    # dense FFNs, experts, output projection. Switch (Sec. 2.4) uses 0.1; T5 1.0. Embedding tables
+    # keep their own init, and the router its moe.router_init_scale.
+    init_scale: float = 1.0
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -71,6 +75,8 @@ class ModelConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(field, f"must be an int >= 0, got {value!r}")
+        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) or self.init_scale <= 0:
+            fail("init_scale", f"must be a number > 0, got {self.init_scale!r}")
         if not 0 <= self.dropout_rate < 1:
             fail("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
         if self.head_dim == 0 and self.d_model % self.num_heads:

@@ -27,7 +27,7 @@ class Embedding(nnx.Module):
         self.table = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab_size, cfg.d_model)),
                                out_sharding=("vocab", "embed"))
         if not self.tied:
-            init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+            init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
             self.logits_kernel = nnx.Param(init(rngs.params(), (cfg.d_model, cfg.vocab_size)),
                                            out_sharding=("embed", "vocab"))
 

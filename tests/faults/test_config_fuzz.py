@@ -51,6 +51,7 @@ FIELDS = {
     "model.dtype": (["float32", "bfloat16"], ["float16"]),
     "model.kind": ([], ["transformer"]),
     "model.dropout_rate": (["0.0", "0.1"], ["1.0", "-0.1"]),
+    "model.init_scale": (["0.1", "1.0"], ["0.0", "-1.0"]),
     "model.num_decoder_layers": (["2", "4"], ["0", "3"]),
     "moe.num_experts": (["4", "8", "16"], ["0"]),
     "moe.k": (["1"], ["0", "-1", "99"]),
