@@ -14,11 +14,20 @@ Hypotheses (Switch Transformer, Fedus et al. 2021; Clark et al. 2022 for tiny ba
 - decoder_lm_2k_every: the decoder LM with a 2k vocabulary and every FFN sparse;
 - init_0.1: Switch's init, every weight matrix at 0.1x variance (model.init_scale), not only the
   router's;
-- lr_0.003 / lr_0.03: the peak learning rate a third and three times the dense-tuned 0.01.
+- lr_0.003 / lr_0.03: the peak learning rate a third and three times the dense-tuned 0.01;
+- router_init_1.0 (and with lr_0.03): the router at 1.0x variance: under Adafactor's parameter-scaled updates a
+  0.1x router moves sqrt(10) times less per step, and its distribution stays near uniform;
+- lr_0.03_batch_groups: routing groups of the whole batch (16 sequences, 2,048 encoder tokens),
+  the paper's capacity per batch, instead of one 128-token sequence: fewer chance overflows;
+- regime: the headline experiments' regime (experiments/regime.py): width 64 and a 2k vocabulary,
+  so that the dense model sees about 20 tokens per parameter over its 1,500 steps, learning rate
+  0.03 and batch-wide groups (here at the diagnosis's step count);
+- adamw: AdamW (peak 3e-3, cosine) instead of Adafactor, whose steps do not scale with a
+  parameter's size.
 """
 from __future__ import annotations
 
-from experiments import report, runner
+from experiments import regime, report, runner
 from experiments.report import fmt
 
 NAME = "diagnosis"
@@ -31,31 +40,39 @@ HYPOTHESES = {
     "baseline": ({}, {}),
     "decoder_lm_2k_every": ({**DECODER, **VOCAB_2K}, {"model.decoder_moe_every": 1}),
     "every_layer": ({}, {"model.encoder_moe_every": 1, "model.decoder_moe_every": 1}),
+    "lr_0.03": ({"learning_rate": 0.03}, {}),
+    "adamw": ({"optimizer": "adamw", "learning_rate": 0.003, "schedule": "cosine"}, {}),
+    "router_init_1.0": ({}, {"moe.router_init_scale": 1.0}),
+    "lr_0.03_router_init_1.0": ({"learning_rate": 0.03}, {"moe.router_init_scale": 1.0}),
+    "lr_0.03_batch_groups": ({"learning_rate": 0.03}, {"moe.group_size": 2048}),
     "vocab_2k": (VOCAB_2K, {}),
-    "decoder_lm": (DECODER, {"model.decoder_moe_every": 2}),
+    "regime": ({k: v for k, v in regime.OVERRIDES.items() if k != "moe.group_size"}, {"moe.group_size": 2048}),
     "init_0.1": ({"model.init_scale": 0.1}, {}),
     "lr_0.003": ({"learning_rate": 0.003}, {}),
-    "lr_0.03": ({"learning_rate": 0.03}, {}),
+    "decoder_lm": (DECODER, {"model.decoder_moe_every": 2}),
 }
 DENSE = {"model.encoder_moe_every": 0, "model.decoder_moe_every": 0}
 
 
+def dense_partner(name: str) -> str:
+    """The hypothesis whose dense run `name` shares: the first with the same changes to both models."""
+    both = HYPOTHESES[name][0]
+    return next(other for other, (b, _) in HYPOTHESES.items() if b == both)
+
+
 def runs() -> list[runner.Run]:
-    """Per hypothesis a dense run and a Switch run; a hypothesis that changes only the sparse model
-    shares the baseline's dense run."""
+    """Per hypothesis a Switch run, and a dense run unless an earlier hypothesis has the same one."""
     out = []
     for name, (both, sparse) in HYPOTHESES.items():
-        if both or name == "baseline":
+        if dense_partner(name) == name:
             out.append(runner.Run(f"{name}_dense", "switch_tiny.py", {"seed": SEED, **both, **DENSE}, group=name))
         out.append(runner.Run(f"{name}_switch8", "switch_tiny.py", {"seed": SEED, **both, **sparse}, group=name))
     return out
 
 
 def pair(results: list[dict], name: str) -> tuple[dict, dict]:
-    both, _ = HYPOTHESES[name]
     by_name = {r["name"]: r for r in results}
-    dense = by_name[f"{name if both else 'baseline'}_dense"]
-    return dense, by_name[f"{name}_switch8"]
+    return by_name[f"{dense_partner(name)}_dense"], by_name[f"{name}_switch8"]
 
 
 def verdict(dense: dict, sparse: dict, noise: float) -> str:
@@ -66,9 +83,24 @@ def verdict(dense: dict, sparse: dict, noise: float) -> str:
     return f"{lead} by {abs(gap):.4f}, {inside} the seed spread ({noise:.4f})"
 
 
-def write_report(results: list[dict], out, noise: float | None = None) -> None:
-    """noise: the dense models' seed standard deviation in the short-run scaling experiment."""
-    noise = report.seed_spread("scaling_experts", "dense") if noise is None else noise
+def noise_level() -> float:
+    """The seed spread a single pair is judged against: the width-128 dense model's seed sd at step
+    200 in the archived scaling experiment (dense runs are untouched by the expert-init fix)."""
+    return report.seed_spread("archive/scaling_experts", "dense")
+
+
+def findings(results: list[dict]) -> list[str]:
+    noise = noise_level()
+    out = [f"{name}: {verdict(*pair(results, name), noise)}." for name in HYPOTHESES]
+    best = min(HYPOTHESES, key=lambda n: pair(results, n)[1]["final_eval_loss"] - pair(results, n)[0]["final_eval_loss"])
+    dense, sparse = pair(results, best)
+    out.append(f"The largest Switch lead over its own dense twin is {best}'s "
+               f"({dense['final_eval_loss'] - sparse['final_eval_loss']:+.4f}); "
+               "the headline experiments run in experiments/regime.py.")
+    return out
+
+
+def write_report(results: list[dict], out) -> None:
     rows, groups = [], {}
     for name in HYPOTHESES:
         dense, sparse = pair(results, name)
@@ -78,7 +110,7 @@ def write_report(results: list[dict], out, noise: float | None = None) -> None:
         rows.append([name, f"`{flags}`", fmt(dense["final_eval_loss"], ".4f"), fmt(sparse["final_eval_loss"], ".4f"),
                      fmt(sparse["final_eval_loss"] - dense["final_eval_loss"], "+.4f"),
                      fmt(sparse["max_mean_load"], ".2f"), fmt(sparse["dropped_fraction"], ".3f"),
-                     verdict(dense, sparse, noise)])
+                     verdict(dense, sparse, noise_level())])
     report.plot_curves(groups, out / "eval_loss.png", "diagnosis")
     steps = results[0]["overrides"]["num_train_steps"]
     table = report.markdown_table(["hypothesis", "changes (Switch run; dense twin without MoE)", "dense",
@@ -87,14 +119,23 @@ def write_report(results: list[dict], out, noise: float | None = None) -> None:
     (out / "README.md").write_text(f"""# Diagnosis: why Switch did not beat dense
 
 Command: `python -m experiments.{NAME}` (results below are what it wrote; the verdicts are computed
-by experiments/diagnosis.py from the runs' JSON). Each hypothesis is a pair of runs of {steps}
+by experiments/{NAME}.py from the runs' JSON). Each hypothesis is a pair of runs of {steps}
 steps, seed {SEED}, same data order: the dense twin (`model.*_moe_every=0`) and Switch with 8
 experts, top-1, capacity factor 1.25, each changed from switch_tiny as the second column says.
-Eval loss at step {steps}. The seed spread is the dense model's seed standard deviation at step
-200 in [scaling_experts](../scaling_experts/README.md).
+Eval loss at step {steps}. The seed spread is the width-128 dense model's seed standard deviation
+at step 200 over 3 seeds ([archived](../archive/scaling_experts/README.md); dense runs do not
+depend on the expert init): a single pair cannot resolve a smaller gap.
+
+The defect found first, before any of these runs (all of them use the fixed code): every expert
+was initialised with a std sqrt(E) times too small, because the expert axis of the [E, D, F]
+weights counted into fan-in. Under Adafactor's parameter-scaled updates an expert's steps shrank
+with it, so models with more experts started smaller and learned more slowly, the ordering the
+earlier experiments showed (archived in [archive/](../archive/README.md)).
+`tests/test_layer.py::test_each_expert_is_initialised_like_the_dense_ffn` fails on the old code.
 
 {table}
 
+{report.findings_section(findings(results), f"experiments/{NAME}.py")}
 ![eval loss of each pair](eval_loss.png)
 """)
 

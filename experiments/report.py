@@ -59,6 +59,66 @@ def time_to_reach(run: dict, threshold: float) -> float | None:
     return None
 
 
+def final_losses(runs: list[dict]) -> list[float]:
+    return [r["final_eval_loss"] for r in runs if r["final_eval_loss"] is not None and not r["error"]]
+
+
+def pooled_sd(*samples: list[float]) -> float | None:
+    """Pooled seed standard deviation of several groups (None when no group has two seeds)."""
+    dof = sum(len(s) - 1 for s in samples if len(s) > 1)
+    if not dof:
+        return None
+    return float(np.sqrt(sum(np.var(s, ddof=1) * (len(s) - 1) for s in samples if len(s) > 1) / dof))
+
+
+def compare(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) -> str:
+    """One sentence from the final eval losses: which group leads, by how much, against the pooled
+    seed standard deviation (inside 1 sd: not resolved; beyond 3 sd: resolved)."""
+    a, b = final_losses(runs_a), final_losses(runs_b)
+    gap = float(np.mean(a) - np.mean(b))
+    lead, trail = (name_a, name_b) if gap < 0 else (name_b, name_a)
+    sd = pooled_sd(a, b)
+    if sd is None:
+        return f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss (one seed each: no seed spread)."
+    ratio = abs(gap) / sd if sd > 0 else float("inf")
+    seeds = f"{len(a)} and {len(b)} seeds, pooled seed sd {sd:.4f}"
+    if ratio <= 1:
+        return f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, inside one seed sd ({seeds}): not resolved."
+    verdict = "resolved" if ratio > 3 else "not resolved at 3 sd"
+    return f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, {ratio:.1f} seed sd ({seeds}): {verdict}."
+
+
+def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
+    """(step, eval loss averaged over the runs) at the steps every run evaluated."""
+    per_run = [{step: loss for step, loss, _ in r["eval"]} for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in per_run)))
+    return [(step, float(np.mean([c[step] for c in per_run]))) for step in steps]
+
+
+def first_step_at_or_below(runs: list[dict], threshold: float) -> int | None:
+    """First evaluated step at which the seed-mean eval loss is <= threshold (None: never)."""
+    return next((step for step, loss in mean_curve(runs) if loss <= threshold), None)
+
+
+def overtakes(runs: list[dict], baseline: list[dict]) -> int | None:
+    """First evaluated step from which the runs' mean eval loss stays below the baseline's (None: never)."""
+    ours, theirs = dict(mean_curve(runs)), dict(mean_curve(baseline))
+    steps = sorted(set(ours) & set(theirs))
+    ahead = [ours[s] < theirs[s] for s in steps]
+    if not ahead or not ahead[-1]:
+        return None
+    i = len(ahead)
+    while i > 0 and ahead[i - 1]:
+        i -= 1
+    return steps[i]
+
+
+def findings_section(sentences: list[str], script: str) -> str:
+    """The Markdown block of computed findings a results README carries."""
+    body = "\n".join(f"- {s}" for s in sentences)
+    return f"## Findings\n\nWritten by `{script}` from the runs' JSON, not by hand:\n\n{body}\n"
+
+
 def plot_curves(groups: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
     """Eval loss against step and against training seconds, mean over each group's seeds."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))

@@ -1,67 +1,102 @@
 """Experiment 1, scaling the number of experts (Switch Transformer, Fedus et al. 2021, Fig. 1/4):
 a dense model and FLOP-matched Switch models with 2-32 experts (top-1, capacity factor 1.25),
-same steps, 3 seeds each. The paper: at a fixed number of steps quality improves steadily with
-the number of experts, at the same FLOPs per token.
+same steps, 3 seeds each, in the regime the diagnosis settled on (experiments/regime.py). The
+paper: at a fixed number of steps quality improves steadily with the number of experts, at the
+same FLOPs per token, and a sparse model reaches the dense model's quality in fewer steps.
 
     python -m experiments.scaling_experts            # 18 runs; see experiments/README.md for the time
-
-experiments/scaling_experts_long.py runs the same models for 2,000 steps.
 """
-from experiments import report, runner
+from __future__ import annotations
+
+from experiments import regime, report, runner
 from experiments.report import fmt, mean_std
 
 NAME = "scaling_experts"
 SEEDS = (0, 1, 2)
 EXPERTS = (2, 4, 8, 16, 32)
-BATCH_GROUP = 2048  # moe.group_size of the batch-wide groups: all 16 sequences of a batch
+DENSE = {"model.encoder_moe_every": 0, "model.decoder_moe_every": 0}
 
 
-def runs(seeds=SEEDS, experts=EXPERTS, batch_groups=()) -> list[runner.Run]:
-    """Dense and Switch runs; `batch_groups`: numbers of experts also run with batch-wide groups."""
+def group(e: int) -> str:
+    return f"switch {e} experts"
+
+
+def runs() -> list[runner.Run]:
     out = []
-    for seed in seeds:
-        out.append(runner.Run(f"dense_s{seed}", "dense_tiny.py", {"seed": seed}, group="dense"))
-        for e in experts:
+    for seed in SEEDS:
+        out.append(runner.Run(f"dense_s{seed}", "switch_tiny.py", {**regime.OVERRIDES, **DENSE, "seed": seed},
+                              group="dense"))
+        for e in EXPERTS:
             out.append(runner.Run(f"switch_e{e}_s{seed}", "switch_tiny.py",
-                                  {"seed": seed, "moe.num_experts": e, "moe.train_capacity_factor": 1.25},
-                                  group=f"switch {e} experts"))
-        for e in batch_groups:
-            out.append(runner.Run(f"switch_e{e}_g{BATCH_GROUP}_s{seed}", "switch_tiny.py",
-                                  {"seed": seed, "moe.num_experts": e, "moe.train_capacity_factor": 1.25,
-                                   "moe.group_size": BATCH_GROUP},
-                                  group=f"switch {e} experts, batch groups"))
+                                  {**regime.OVERRIDES, "seed": seed, "moe.num_experts": e}, group=group(e)))
+    return out
+
+
+def monotone_in_experts(groups: dict[str, list[dict]], experts: tuple[int, ...]) -> str:
+    """Whether the mean final loss falls with E, each step up judged against the pooled seed sd."""
+    worse = []
+    for lo, hi in zip(experts, experts[1:]):
+        a, b = report.final_losses(groups[group(lo)]), report.final_losses(groups[group(hi)])
+        rise, sd = sum(b) / len(b) - sum(a) / len(a), report.pooled_sd(a, b) or 0.0
+        if rise > sd:
+            worse.append(f"{lo} -> {hi} experts worsens it by {rise:.4f} (pooled seed sd {sd:.4f})")
+    span = f"from {experts[0]} to {experts[-1]} experts"
+    if not worse:
+        return f"Final eval loss falls with the number of experts {span}, monotone within the seed spread."
+    return f"Final eval loss is not monotone in the number of experts {span}: " + "; ".join(worse) + "."
+
+
+def reach_sentence(name: str, runs: list[dict], dense: list[dict]) -> str:
+    """When `runs` (seed mean) first reach the dense model's final loss, in steps and seconds."""
+    target = sum(report.final_losses(dense)) / len(dense)
+    steps = dense[0]["overrides"]["num_train_steps"]
+    step = report.first_step_at_or_below(runs, target)
+    ahead = report.overtakes(runs, dense)
+    lead = "never ends ahead of dense" if ahead is None else f"stays ahead of dense from step {ahead} on"
+    if step is None:
+        return f"{name} does not reach dense's final eval loss ({target:.4f}) in {steps} steps and {lead}."
+    return (f"{name} reaches dense's final eval loss ({target:.4f}) at step {step} of {steps} "
+            f"({steps / step:.2f}x fewer steps) and {lead}.")
+
+
+def findings(results: list[dict]) -> list[str]:
+    groups = report.by_group(results)
+    dense = groups["dense"]
+    out = [report.compare(group(e), groups[group(e)], "dense", dense) for e in EXPERTS]
+    out.append(monotone_in_experts(groups, tuple(e for e in EXPERTS if e <= 16)))
+    out += [reach_sentence(group(e), groups[group(e)], dense) for e in EXPERTS]
     return out
 
 
 def write_report(results: list[dict], out) -> None:
     groups = report.by_group(results)
     report.plot_curves(groups, out / "eval_loss.png", "Switch: number of experts")
-    dense = groups["dense"]
-    base = sum(r["final_eval_loss"] for r in dense) / len(dense)
+    dense_mean = sum(report.final_losses(groups["dense"])) / len(groups["dense"])
     rows = []
     for name, rs in groups.items():
-        rows.append([name, len(rs), mean_std([r["final_eval_loss"] for r in rs]),
-                     fmt(sum(r["final_eval_loss"] for r in rs) / len(rs) - base, "+.4f"),
+        rows.append([name, len(rs), mean_std(report.final_losses(rs)),
+                     fmt(sum(report.final_losses(rs)) / len(rs) - dense_mean, "+.4f"),
                      mean_std([r["final_eval_accuracy"] for r in rs]),
                      fmt(sum(r["examples_per_sec"] for r in rs) / len(rs), ".1f"),
                      fmt(sum(r["dropped_fraction"] or 0 for r in rs) / len(rs), ".3f")])
     steps = results[0]["overrides"]["num_train_steps"]
-    seeds = tuple(sorted({r["overrides"]["seed"] for r in results}))
     table = report.markdown_table(["model", "seeds", f"eval loss at step {steps} (mean ± sd)", "vs dense",
                                    "eval accuracy", "examples/s", "dropped (train)"], rows)
     (out / "README.md").write_text(f"""# Experiment 1: scaling the number of experts
 
-Command: `python -m experiments.{out.name}` (results below are what it wrote).
+Command: `python -m experiments.{NAME}` (results below are what it wrote).
 switch_tiny (encoder-decoder, d_model 128, MoE in every second FFN, top-1, capacity factor 1.25)
-with 2-32 experts against dense_tiny, its FLOP-matched dense twin; {steps} steps of 16 sequences
-on the offline corpus, seeds {seeds}. Eval loss is the token cross-entropy on the validation
-split (= minus the negative log perplexity).
+with 2-32 experts against its FLOP-matched dense twin (every FFN dense), in the regime of
+[experiments/regime.py](../../regime.py) ({regime.DESCRIPTION}); {steps} steps of 16 sequences
+on the offline corpus, seeds {SEEDS}. Eval loss is the token cross-entropy on the validation
+split (= minus the negative log perplexity). Examples/s: two runs at once on the 2-core CPU.
 
 {table}
 
+{report.findings_section(findings(results), f"experiments/{NAME}.py")}
 ![eval loss against step and training seconds](eval_loss.png)
 """)
 
 
 if __name__ == "__main__":
-    runner.main(NAME, runs(), write_report, steps=200, eval_every=50)
+    runner.main(NAME, runs(), write_report, steps=regime.STEPS, eval_every=regime.EVAL_EVERY)

@@ -1,12 +1,15 @@
 """Experiment 2, top-1 against top-2 routing with capacity factors (Switch Transformer, Fedus et
 al. 2021, Table 1): {top-1, top-2} x capacity factor {1.0, 1.25, 2.0}, top-2 with its gates
-renormalized (GShard) and not (Flaxformer), against the dense baseline and a larger dense model.
+renormalized (GShard) and not (Flaxformer), against the dense baseline and a larger dense model,
+in the regime of experiments/regime.py.
 The paper: top-2 is slightly better per step but slower; top-1 is faster and better per second;
 a higher capacity factor drops fewer tokens at some speed cost.
 
     python -m experiments.top1_vs_top2
 """
-from experiments import report, runner
+from __future__ import annotations
+
+from experiments import regime, report, runner
 from experiments.report import fmt
 
 NAME = "top1_vs_top2"
@@ -16,24 +19,55 @@ LARGER_DENSE = {"model.d_model": 256, "model.num_heads": 8, "model.d_ff": 1024}
 
 
 def runs() -> list[runner.Run]:
-    out = [runner.Run("dense", "dense_tiny.py", {}), runner.Run("dense_large", "dense_tiny.py", LARGER_DENSE)]
+    common = {**regime.OVERRIDES, "seed": 0}
+    out = [runner.Run("dense", "dense_tiny.py", common),
+           runner.Run("dense_large", "dense_tiny.py", {**common, **LARGER_DENSE})]
     for cf in FACTORS:
-        out.append(runner.Run(f"top1_cf{cf}", "switch_tiny.py", {"moe.k": 1, "moe.train_capacity_factor": cf}))
+        out.append(runner.Run(f"top1_cf{cf}", "switch_tiny.py", {**common, "moe.k": 1, "moe.train_capacity_factor": cf}))
         for renorm in (False, True):
             # token-major fill: the causal decoder refuses rank-major order with two choices and dropping
             out.append(runner.Run(f"top2_cf{cf}" + ("_renorm" if renorm else ""), "switch_tiny.py",
-                                  {"moe.k": 2, "moe.train_capacity_factor": cf, "moe.order": "token_major",
+                                  {**common, "moe.k": 2, "moe.train_capacity_factor": cf, "moe.order": "token_major",
                                    "moe.renormalize": renorm}))
+    return out
+
+
+def threshold(results: list[dict]) -> float:
+    """The quality threshold every sparse run reaches: the worst sparse final eval loss."""
+    return max(r["final_eval_loss"] for r in results if r["name"].startswith("top"))
+
+
+def findings(results: list[dict]) -> list[str]:
+    by = {r["name"]: r for r in results}
+    out = []
+    for cf in FACTORS:
+        top1 = by[f"top1_cf{cf}"]
+        for variant in (f"top2_cf{cf}", f"top2_cf{cf}_renorm"):
+            out.append(f"cf {cf}: " + report.compare(variant, [by[variant]], top1["name"], [top1]))
+        speed = by[f"top2_cf{cf}"]["examples_per_sec"] / top1["examples_per_sec"]
+        out.append(f"cf {cf}: top-2 trains at {speed:.2f}x top-1's examples/s; top-1 drops "
+                   f"{top1['dropped_fraction']:.1%} of its assignments in training, top-2 "
+                   f"{by[f'top2_cf{cf}']['dropped_fraction']:.1%}.")
+    line = threshold(results)
+    reach = {r["name"]: report.time_to_reach(r, line) for r in results}
+    fastest = min((n for n in reach if reach[n] is not None), key=lambda n: reach[n])
+    out.append(f"Fastest in wall clock to eval loss {line:.4f} (the worst sparse final loss): {fastest}, "
+               f"in {reach[fastest]:.0f} training seconds.")
+    sparse = [r for r in results if r["name"].startswith("top")]
+    beat = [r["name"] for r in sparse if r["final_eval_loss"] < by["dense"]["final_eval_loss"]]
+    out.append(f"{len(beat)} of {len(sparse)} sparse runs end below the FLOP-matched dense model "
+               f"({by['dense']['final_eval_loss']:.4f}); the larger dense model ends at "
+               f"{by['dense_large']['final_eval_loss']:.4f}.")
     return out
 
 
 def write_report(results: list[dict], out) -> None:
     groups = report.by_group(results)
     report.plot_curves(groups, out / "eval_loss.png", "top-1 vs top-2")
-    threshold = groups["dense"][0]["final_eval_loss"]
+    line = threshold(results)
     rows = []
     for r in results:
-        reach = report.time_to_reach(r, threshold)
+        reach = report.time_to_reach(r, line)
         rows.append([r["name"], fmt(r["final_eval_loss"], ".4f"), fmt(r["final_eval_accuracy"], ".4f"),
                      fmt(r["examples_per_sec"], ".1f"), "never" if reach is None else f"{reach:.0f}",
                      fmt(r["dropped_fraction"], ".3f"), fmt(r["eval_dropped_fraction"], ".3f"),
@@ -41,7 +75,7 @@ def write_report(results: list[dict], out) -> None:
     steps = results[0]["overrides"]["num_train_steps"]
     table = report.markdown_table(
         ["run", f"eval loss at step {steps}", "eval accuracy", "examples/s",
-         f"seconds to eval loss <= {threshold:.4f} (dense's final)", "dropped (train)", "dropped (eval, cf 2.0)",
+         f"seconds to eval loss <= {line:.4f} (worst sparse final)", "dropped (train)", "dropped (eval, cf 2.0)",
          "max/mean load"], rows)
     (out / "README.md").write_text(f"""# Experiment 2: top-1 vs top-2, capacity factors
 
@@ -50,16 +84,17 @@ switch_tiny (8 experts, MoE in every second FFN of encoder and decoder) with top
 routing and training capacity factor 1.0, 1.25 or 2.0 (evaluation always 2.0); top-2 fills
 buffers token-major (causal decoder) with its two gates renormalized to sum to 1 (`_renorm`,
 GShard/Mixtral) or kept as probabilities (Flaxformer/V-MoE). `dense` is the FLOP-matched dense
-twin of top-1, `dense_large` a dense model of width 256 (about 3x the FLOPs). {steps} steps of
-16 sequences, seed 0. Examples/s: training throughput on this CPU, compile excluded. Dropped:
+twin of top-1, `dense_large` a dense model of width 256 (about 3x the FLOPs). Regime:
+{regime.DESCRIPTION} ([experiments/regime.py](../../regime.py)). {steps} steps of 16 sequences, seed 0. Examples/s: training throughput on this CPU, compile excluded. Dropped:
 fraction of routed assignments beyond capacity, mean over MoE layers (train: last quarter of
 training; eval: final evaluation).
 
 {table}
 
+{report.findings_section(findings(results), f"experiments/{NAME}.py")}
 ![eval loss against step and training seconds](eval_loss.png)
 """)
 
 
 if __name__ == "__main__":
-    runner.main(NAME, runs(), write_report, steps=200, eval_every=50)
+    runner.main(NAME, runs(), write_report, steps=regime.STEPS, eval_every=regime.EVAL_EVERY)

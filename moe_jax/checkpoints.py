@@ -46,10 +46,15 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
-    """'field: saved -> current' for every field that matters to what is trained."""
+    """'field: saved -> current' for every field that matters to what is trained. The cosine
+    schedule's horizon is num_train_steps, so under it a resumed run may not change that field
+    (the rate at every later step would move); rsqrt and constant do not depend on it."""
     a, b = _flatten(saved), _flatten(json.loads(current.to_json()))
+    free = set(RUN_CONTROL_FIELDS)
+    if "cosine" in (a.get("schedule"), b.get("schedule")):
+        free.discard("num_train_steps")
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}" for k in sorted(set(a) | set(b))
-            if k not in RUN_CONTROL_FIELDS and a.get(k) != b.get(k)]
+            if k not in free and a.get(k) != b.get(k)]
 
 
 def _keys_to_data(tree):

@@ -128,12 +128,14 @@ class Router(nnx.Module):
         opts = dict(order=cfg.order, batch_prioritized=cfg.batch_prioritized)
         if cfg.router == "top_k":
             bias = self.balance_bias[...] if cfg.bias_update_rate > 0 else None
-            if bias is None and cfg.second_choice == "all":
+            random_second = train and cfg.second_choice == "random"  # evaluation dispatches every choice
+            if bias is None and not random_second:
                 decision = fast_tokens_choose(logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize, **opts)
             else:
                 decision = routing.tokens_choose(
-                    logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize, second_choice=cfg.second_choice,
-                    choice_bias=bias, rng=self.rng() if cfg.second_choice == "random" else None, **opts)
+                    logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize,
+                    second_choice="random" if random_second else "all", choice_bias=bias,
+                    rng=self.rng() if random_second else None, **opts)
             if train and cfg.bias_update_rate > 0:
                 self._update_balance_bias(decision)
             return decision

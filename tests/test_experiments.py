@@ -1,12 +1,13 @@
-"""The experiments' run lists are valid configs, and the runner reads a run's metrics.jsonl into
-the figures the reports use."""
+"""The experiments' run lists are valid configs, the runner reads a run's metrics.jsonl into the
+figures the reports use, and every committed report and findings block is what the report code
+writes from the committed results (no sentence typed by hand)."""
 import importlib
 import json
 
 import pytest
 
 from moe_jax import configuration
-from experiments import routers, runner, scaling_experts, scaling_experts_long, stability, top1_vs_top2
+from experiments import diagnosis, report, routers, runner, scaling_experts, stability, summary, top1_vs_top2
 
 configuration.make_configs_importable(["x", "--config=configs/switch_tiny.py"])
 
@@ -21,7 +22,7 @@ def apply(config, overrides):
     return config
 
 
-@pytest.mark.parametrize("experiment", [scaling_experts, scaling_experts_long, top1_vs_top2, stability, routers],
+@pytest.mark.parametrize("experiment", [diagnosis, scaling_experts, top1_vs_top2, stability, routers],
                          ids=lambda m: m.NAME)
 def test_every_run_of_an_experiment_is_a_valid_config(experiment):
     runs = experiment.runs()
@@ -48,3 +49,31 @@ def test_collect_reads_curves_and_final_figures(tmp_path):
     assert r["tokens_per_sec"] == 100.0
     assert r["dropped_fraction"] == pytest.approx(0.2)  # last quarter of logs = the last record: (0.1 + 0.3) / 2
     assert r["max_mean_load"] == pytest.approx(1.25) and r["eval_dropped_fraction"] == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("experiment", summary.EXPERIMENTS, ids=lambda m: m.NAME)
+def test_committed_report_is_what_the_report_code_writes(experiment, tmp_path):
+    results = summary.load_results(experiment)
+    committed = runner.RESULTS / experiment.NAME / "README.md"
+    if results is None:  # runs still missing: no report may claim findings yet
+        assert not committed.exists() or "## Findings" not in committed.read_text()
+        return
+    experiment.write_report(results, tmp_path)
+    assert (tmp_path / "README.md").read_text() == committed.read_text(), (
+        f"{committed} differs from what experiments/{experiment.NAME}.py writes: "
+        f"run `python -m experiments.{experiment.NAME} --report_only`")
+
+
+@pytest.mark.parametrize("path", list(summary.TARGETS), ids=lambda p: p.name)
+def test_committed_findings_blocks_are_generated(path):
+    text = path.read_text()
+    assert summary.render(text, summary.TARGETS[path]) == text, (
+        f"the findings block of {path} is stale: run `python -m experiments.summary`")
+
+
+def test_compare_reads_the_seed_spread():
+    def runs(*losses):
+        return [{"final_eval_loss": x, "error": ""} for x in losses]
+    assert report.compare("a", runs(4.0, 4.02, 4.01), "b", runs(4.2, 4.22, 4.21)).endswith(": resolved.")
+    assert "inside one seed sd" in report.compare("a", runs(4.0, 4.1), "b", runs(4.05, 4.12))
+    assert report.compare("a", runs(4.3), "b", runs(4.2)).startswith("b leads a by 0.1000")

@@ -93,15 +93,26 @@ def test_statistics():
     assert 0 < s["router_entropy"] <= np.log(4) + 1e-6
 
 
-def test_jitter_noise_and_expert_dropout_only_in_training():
+def test_jitter_noise_random_second_choice_and_expert_dropout_only_in_training():
     x = x_batch()
     for opts in ({"jitter_eps": 0.5, "train_capacity_factor": 0.5}, {"router": "noisy_top_k", "k": 2},
-                 {"expert_dropout": 0.5}):
+                 {"expert_dropout": 0.5}, {"k": 2, "second_choice": "random", "order": "token_major"}):
         layer = make(**opts)
         a, b = layer(x)[0], layer(x)[0]
         assert not np.allclose(a, b), opts  # a fresh draw each training call
         layer.eval()
         np.testing.assert_array_equal(layer(x)[0], layer(x)[0])
+
+
+def test_random_second_choice_dispatches_every_choice_in_evaluation():
+    """GShard's random second expert is a training-time option: in eval mode the layer equals the
+    same layer with second_choice='all'."""
+    x = x_batch()
+    opts = {"k": 2, "order": "token_major", "eval_capacity_factor": 4.0}
+    random_layer, all_layer = make(second_choice="random", **opts), make(**opts)
+    random_layer.eval()
+    all_layer.eval()
+    np.testing.assert_array_equal(random_layer(x)[0], all_layer(x)[0])
 
 
 def test_auxiliary_loss_free_bias_moves_toward_balance():
@@ -262,3 +273,13 @@ def test_each_expert_is_initialised_like_the_dense_ffn(num_experts, activation):
         per_expert = np.std(np.asarray(w_experts[...]), axis=(1, 2))  # [E]
         np.testing.assert_allclose(per_expert, fan_in ** -0.5, rtol=0.05)
         assert np.std(np.asarray(w_dense[...])) == pytest.approx(fan_in ** -0.5, rel=0.05)
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0])
+def test_router_init_scale_sets_the_router_std(scale):
+    """moe.router_init_scale s: the router kernel [D, E] is drawn with std sqrt(s / D) (Switch Table 3)."""
+    d_model = 256
+    layer = MoELayer(MoEConfig(num_experts=64, d_ff=8, router_init_scale=scale), d_model, rngs=nnx.Rngs(0))
+    kernel = np.asarray(layer.router.kernel[...])
+    assert kernel.shape == (d_model, 64)
+    assert np.std(kernel) == pytest.approx((scale / d_model) ** 0.5, rel=0.03)

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from moe_jax import MoEConfig, routing
+from moe_jax.experts import FeedForward
 from moe_jax.models import ModelConfig, build_model, generate
 
 V = 37
@@ -281,3 +282,17 @@ def test_init_scale_scales_every_weight_matrix_but_embeddings_and_router():
 def test_init_scale_refuses_non_positive():
     with pytest.raises(ValueError, match="model.init_scale"):
         tiny(init_scale=0.0)
+
+
+def test_dense_ffn_drops_its_hidden_activations_at_the_model_rate():
+    """T5's FFN applies dropout between its two matmuls (wi -> act -> dropout -> wo) at the model's
+    dropout_rate, in training only; experts use moe.expert_dropout instead."""
+    model = build_model(tiny(dropout_rate=0.3, moe=dict(expert_dropout=0.1)), rngs=nnx.Rngs(0))
+    layers = model.decoder.units.layers
+    assert layers[0].ffn.dropout.rate == 0.3  # the dense FFN of each unit
+    assert layers[1].ffn.experts.dropout.rate == 0.1
+    ffn = FeedForward(16, 24, dropout_rate=0.3, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (4, 16))
+    assert not np.allclose(ffn(x), ffn(x))  # a fresh mask each training call
+    ffn.eval()
+    np.testing.assert_array_equal(ffn(x), ffn(x))

@@ -1,4 +1,5 @@
 """Train step, evaluation and checkpoints, on synthetic batches (the data pipeline has its own tests)."""
+import json
 import os
 import shutil
 
@@ -119,6 +120,14 @@ def test_checkpoint_round_trip_and_compatibility(trained, tmp_path):
     with pytest.raises(CheckpointError, match=r"moe\.num_experts: 8 -> 16"):
         ck.check_compatible(other)
     assert config_differences({"seed": 0}, config)  # a saved config missing fields differs too
+    # The cosine schedule's horizon is num_train_steps: a resume may not re-stretch it.
+    saved = json.loads(config.to_json())
+    cosine = config.copy_and_resolve_references()
+    cosine.schedule, saved["schedule"] = "cosine", "cosine"
+    assert config_differences(saved, cosine) == []
+    cosine.num_train_steps = config.num_train_steps + 100
+    assert config_differences(saved, cosine) == [
+        f"num_train_steps: {config.num_train_steps} -> {config.num_train_steps + 100}"]
     ck.close()
 
 

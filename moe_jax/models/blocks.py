@@ -70,8 +70,9 @@ class Layer(nnx.Module):
             return RMSNorm(cfg.d_model, cfg.norm_eps, dt)
 
         def dense_ffn():
-            return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, init_scale=cfg.init_scale, dtype=dt,
-                               rngs=rngs)
+            # T5's dropout on the FFN's hidden activations, at the model's rate (experts use moe.expert_dropout).
+            return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
+                               init_scale=cfg.init_scale, dtype=dt, rngs=rngs)
 
         self.attn_norm, self.attn = norm(), Attention(cfg, rngs=rngs)
         self.cross_norm = norm() if cross else None
