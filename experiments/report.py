@@ -71,10 +71,20 @@ def pooled_sd(*samples: list[float]) -> float | None:
     return float(np.sqrt(sum(np.var(s, ddof=1) * (len(s) - 1) for s in samples if len(s) > 1) / dof))
 
 
+def common_seeds(runs_a: list[dict], runs_b: list[dict]) -> tuple[list[dict], list[dict]]:
+    """The runs of each group whose seed the other group has too (seeds shift every model alike,
+    so groups are compared over the same seeds)."""
+    def seed(r):
+        return r.get("overrides", {}).get("seed", 0)
+    shared = {seed(r) for r in runs_a} & {seed(r) for r in runs_b}
+    return [r for r in runs_a if seed(r) in shared], [r for r in runs_b if seed(r) in shared]
+
+
 def compare(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) -> str:
-    """One sentence from the final eval losses: which group leads, by how much, against the pooled
-    seed standard deviation (inside 1 sd: not resolved; beyond 3 sd: resolved)."""
-    a, b = final_losses(runs_a), final_losses(runs_b)
+    """One sentence from the final eval losses over the seeds both groups have: which leads, by how
+    much, against the pooled seed standard deviation (inside 1 sd: not resolved; beyond 3 sd:
+    resolved)."""
+    a, b = (final_losses(rs) for rs in common_seeds(runs_a, runs_b))
     gap = float(np.mean(a) - np.mean(b))
     lead, trail = (name_a, name_b) if gap < 0 else (name_b, name_a)
     sd = pooled_sd(a, b)
@@ -83,7 +93,8 @@ def compare(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) ->
     ratio = abs(gap) / sd if sd > 0 else float("inf")
     seeds = f"{len(a)} and {len(b)} seeds, pooled seed sd {sd:.4f}"
     if ratio <= 1:
-        return f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, inside one seed sd ({seeds}): not resolved."
+        return (f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, inside one seed sd ({seeds}): "
+                "not resolved.")
     verdict = "resolved" if ratio > 3 else "not resolved at 3 sd"
     return f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, {ratio:.1f} seed sd ({seeds}): {verdict}."
 

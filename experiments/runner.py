@@ -107,8 +107,9 @@ def execute(experiment: str, run: Run, common: dict, jobs: int) -> dict:
     return result
 
 
-def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: int) -> None:
-    """Command line of an experiment script: run what is missing, then write its report."""
+def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: int, partial: bool = False) -> None:
+    """Command line of an experiment script: run what is missing, then write its report (partial:
+    the report can be written from the runs that are done, and names the others)."""
     parser = argparse.ArgumentParser(description=f"experiment {experiment}: run its configs, then report")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on one CPU thread when > 1)")
     parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
@@ -119,6 +120,10 @@ def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: in
     if not args.report_only:
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
             list(pool.map(lambda r: execute(experiment, r, common, args.jobs), runs))
-    results = [json.loads((RESULTS / experiment / "runs" / f"{r.name}.json").read_text()) for r in runs]
-    report(results, RESULTS / experiment)
+    paths = [RESULTS / experiment / "runs" / f"{r.name}.json" for r in runs]
+    missing = [r.name for r, p in zip(runs, paths) if not p.exists()]
+    if missing and not partial:
+        raise SystemExit(f"[{experiment}] no report: {len(missing)} runs have no results yet ({', '.join(missing)}); "
+                         f"run `python -m experiments.{experiment}` without --report_only")
+    report([json.loads(p.read_text()) for p in paths if p.exists()], RESULTS / experiment)
     print(f"[{experiment}] report in {RESULTS / experiment / 'README.md'} ({time.perf_counter() - start:.0f} s)")

@@ -36,10 +36,11 @@ def monotone_in_experts(groups: dict[str, list[dict]], experts: tuple[int, ...])
     """Whether the mean final loss falls with E, each step up judged against the pooled seed sd."""
     worse = []
     for lo, hi in zip(experts, experts[1:]):
-        a, b = report.final_losses(groups[group(lo)]), report.final_losses(groups[group(hi)])
-        rise, sd = sum(b) / len(b) - sum(a) / len(a), report.pooled_sd(a, b) or 0.0
-        if rise > sd:
-            worse.append(f"{lo} -> {hi} experts worsens it by {rise:.4f} (pooled seed sd {sd:.4f})")
+        a, b = (report.final_losses(rs) for rs in report.common_seeds(groups[group(lo)], groups[group(hi)]))
+        rise, sd = sum(b) / len(b) - sum(a) / len(a), report.pooled_sd(a, b)
+        if rise > (sd or 0.0):
+            spread = "one seed each: no seed spread" if sd is None else f"pooled seed sd {sd:.4f}"
+            worse.append(f"{lo} -> {hi} experts worsens it by {rise:.4f} ({spread})")
     span = f"from {experts[0]} to {experts[-1]} experts"
     if not worse:
         return f"Final eval loss falls with the number of experts {span}, monotone within the seed spread."
@@ -47,7 +48,8 @@ def monotone_in_experts(groups: dict[str, list[dict]], experts: tuple[int, ...])
 
 
 def reach_sentence(name: str, runs: list[dict], dense: list[dict]) -> str:
-    """When `runs` (seed mean) first reach the dense model's final loss, in steps and seconds."""
+    """When `runs` (seed mean) first reach the dense model's final loss, over the seeds both have."""
+    runs, dense = report.common_seeds(runs, dense)
     target = sum(report.final_losses(dense)) / len(dense)
     steps = dense[0]["overrides"]["num_train_steps"]
     step = report.first_step_at_or_below(runs, target)
@@ -61,26 +63,31 @@ def reach_sentence(name: str, runs: list[dict], dense: list[dict]) -> str:
 
 def findings(results: list[dict]) -> list[str]:
     groups = report.by_group(results)
-    dense = groups["dense"]
-    out = [report.compare(group(e), groups[group(e)], "dense", dense) for e in EXPERTS]
-    out.append(monotone_in_experts(groups, tuple(e for e in EXPERTS if e <= 16)))
-    out += [reach_sentence(group(e), groups[group(e)], dense) for e in EXPERTS]
+    dense, experts = groups["dense"], tuple(e for e in EXPERTS if group(e) in groups)
+    out = [report.compare(group(e), groups[group(e)], "dense", dense) for e in experts]
+    out.append(monotone_in_experts(groups, tuple(e for e in experts if e <= 16)))
+    out += [reach_sentence(group(e), groups[group(e)], dense) for e in experts]
+    missing = [r.name for r in runs() if r.name not in {x["name"] for x in results}]
+    if missing:
+        out.append(f"Not run yet: {', '.join(missing)} (`python -m experiments.{NAME}` runs what is missing); "
+                   "the sentences above use the seeds that are done.")
     return out
 
 
 def write_report(results: list[dict], out) -> None:
     groups = report.by_group(results)
     report.plot_curves(groups, out / "eval_loss.png", "Switch: number of experts")
-    dense_mean = sum(report.final_losses(groups["dense"])) / len(groups["dense"])
     rows = []
     for name, rs in groups.items():
+        ours, dense = (report.final_losses(x) for x in report.common_seeds(rs, groups["dense"]))
         rows.append([name, len(rs), mean_std(report.final_losses(rs)),
-                     fmt(sum(report.final_losses(rs)) / len(rs) - dense_mean, "+.4f"),
+                     fmt(sum(ours) / len(ours) - sum(dense) / len(dense), "+.4f"),
                      mean_std([r["final_eval_accuracy"] for r in rs]),
                      fmt(sum(r["examples_per_sec"] for r in rs) / len(rs), ".1f"),
                      fmt(sum(r["dropped_fraction"] or 0 for r in rs) / len(rs), ".3f")])
     steps = results[0]["overrides"]["num_train_steps"]
-    table = report.markdown_table(["model", "seeds", f"eval loss at step {steps} (mean ± sd)", "vs dense",
+    table = report.markdown_table(["model", "seeds", f"eval loss at step {steps} (mean ± sd)",
+                                   "vs dense (same seeds)",
                                    "eval accuracy", "examples/s", "dropped (train)"], rows)
     (out / "README.md").write_text(f"""# Experiment 1: scaling the number of experts
 
@@ -89,7 +96,8 @@ switch_tiny (encoder-decoder, d_model 128, MoE in every second FFN, top-1, capac
 with 2-32 experts against its FLOP-matched dense twin (every FFN dense), in the regime of
 [experiments/regime.py](../../regime.py) ({regime.DESCRIPTION}); {steps} steps of 16 sequences
 on the offline corpus, seeds {SEEDS}. Eval loss is the token cross-entropy on the validation
-split (= minus the negative log perplexity). Examples/s: two runs at once on the 2-core CPU.
+split (= minus the negative log perplexity). Examples/s: two runs at once on the 2-core CPU,
+with other jobs on it for part of the time (see experiments/README.md, Budget).
 
 {table}
 
@@ -98,5 +106,9 @@ split (= minus the negative log perplexity). Examples/s: two runs at once on the
 """)
 
 
+PARTIAL_REPORT = True  # the report uses the seeds that are done and names the missing runs
+
+
 if __name__ == "__main__":
-    runner.main(NAME, runs(), write_report, steps=regime.STEPS, eval_every=regime.EVAL_EVERY)
+    runner.main(NAME, runs(), write_report, steps=regime.STEPS, eval_every=regime.EVAL_EVERY,
+                partial=PARTIAL_REPORT)

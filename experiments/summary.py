@@ -21,11 +21,13 @@ START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 
 def load_results(experiment) -> list[dict] | None:
-    """The committed results of every run of an experiment, or None while any run is missing."""
+    """The committed results of an experiment's runs: all of them, or None while any is missing,
+    unless the experiment reports partial results (PARTIAL_REPORT), then those that exist."""
     paths = [runner.RESULTS / experiment.NAME / "runs" / f"{r.name}.json" for r in experiment.runs()]
-    if not all(p.exists() for p in paths):
+    present = [p for p in paths if p.exists()]
+    if not present or (len(present) < len(paths) and not getattr(experiment, "PARTIAL_REPORT", False)):
         return None
-    return [json.loads(p.read_text()) for p in paths]
+    return [json.loads(p.read_text()) for p in present]
 
 
 def block(link_prefix: str) -> str:
@@ -33,7 +35,9 @@ def block(link_prefix: str) -> str:
     lines = []
     for experiment in EXPERIMENTS:
         results = load_results(experiment)
-        link = f"[{experiment.NAME}]({link_prefix}results/{experiment.NAME}/README.md)"
+        readme = runner.RESULTS / experiment.NAME / "README.md"
+        link = f"[{experiment.NAME}]({link_prefix}results/{experiment.NAME}/README.md)" if readme.exists() else (
+            f"{experiment.NAME}")
         if results is None:
             done = sum((runner.RESULTS / experiment.NAME / "runs" / f"{r.name}.json").exists()
                        for r in experiment.runs())

@@ -14,8 +14,8 @@ from experiments.report import fmt
 
 NAME = "top1_vs_top2"
 FACTORS = (1.0, 1.25, 2.0)
-# A larger dense model (the paper's T5-Large role): twice the width, about 3x the FLOPs per token.
-LARGER_DENSE = {"model.d_model": 256, "model.num_heads": 8, "model.d_ff": 1024}
+# A larger dense model (the paper's T5-Large role): twice the regime's width, about 3x the FLOPs per token.
+LARGER_DENSE = {"model.d_model": 128, "model.num_heads": 4, "model.d_ff": 512}
 
 
 def runs() -> list[runner.Run]:
@@ -23,12 +23,13 @@ def runs() -> list[runner.Run]:
     out = [runner.Run("dense", "dense_tiny.py", common),
            runner.Run("dense_large", "dense_tiny.py", {**common, **LARGER_DENSE})]
     for cf in FACTORS:
-        out.append(runner.Run(f"top1_cf{cf}", "switch_tiny.py", {**common, "moe.k": 1, "moe.train_capacity_factor": cf}))
+        out.append(runner.Run(f"top1_cf{cf}", "switch_tiny.py",
+                              {**common, "moe.k": 1, "moe.train_capacity_factor": cf}))
         for renorm in (False, True):
             # token-major fill: the causal decoder refuses rank-major order with two choices and dropping
             out.append(runner.Run(f"top2_cf{cf}" + ("_renorm" if renorm else ""), "switch_tiny.py",
-                                  {**common, "moe.k": 2, "moe.train_capacity_factor": cf, "moe.order": "token_major",
-                                   "moe.renormalize": renorm}))
+                                  {**common, "moe.k": 2, "moe.train_capacity_factor": cf,
+                                   "moe.order": "token_major", "moe.renormalize": renorm}))
     return out
 
 
@@ -75,7 +76,8 @@ def write_report(results: list[dict], out) -> None:
     steps = results[0]["overrides"]["num_train_steps"]
     table = report.markdown_table(
         ["run", f"eval loss at step {steps}", "eval accuracy", "examples/s",
-         f"seconds to eval loss <= {line:.4f} (worst sparse final)", "dropped (train)", "dropped (eval, cf 2.0)",
+         f"seconds to eval loss <= {line:.4f} (worst sparse final)", "dropped (train)",
+         "dropped (eval, cf 2.0)",
          "max/mean load"], rows)
     (out / "README.md").write_text(f"""# Experiment 2: top-1 vs top-2, capacity factors
 
@@ -84,8 +86,9 @@ switch_tiny (8 experts, MoE in every second FFN of encoder and decoder) with top
 routing and training capacity factor 1.0, 1.25 or 2.0 (evaluation always 2.0); top-2 fills
 buffers token-major (causal decoder) with its two gates renormalized to sum to 1 (`_renorm`,
 GShard/Mixtral) or kept as probabilities (Flaxformer/V-MoE). `dense` is the FLOP-matched dense
-twin of top-1, `dense_large` a dense model of width 256 (about 3x the FLOPs). Regime:
-{regime.DESCRIPTION} ([experiments/regime.py](../../regime.py)). {steps} steps of 16 sequences, seed 0. Examples/s: training throughput on this CPU, compile excluded. Dropped:
+twin of top-1, `dense_large` a dense model of twice the width (about 3x the FLOPs). Regime:
+{regime.DESCRIPTION} ([experiments/regime.py](../../regime.py)). {steps} steps of 16 sequences,
+seed 0. Examples/s: training throughput on this CPU, compile excluded. Dropped:
 fraction of routed assignments beyond capacity, mean over MoE layers (train: last quarter of
 training; eval: final evaluation).
 

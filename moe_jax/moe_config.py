@@ -1,8 +1,9 @@
 """Options of one MoE layer, validated before anything is built.
 
-Each routing semantic on which papers differ is a named option here (see
-shared/moe-reference.md); `MoEConfig.from_dict` builds one from an ml_collections `config.moe`
-and refuses unknown fields.
+Each routing semantic on which papers differ is a named option here (the papers are cited where
+each is implemented, in moe_jax/routing/); `MoEConfig.from_dict` builds one from an ml_collections
+`config.moe` and refuses unknown fields. An option the chosen router does not read
+(IGNORED_OPTIONS) is refused unless it keeps its default.
 """
 from __future__ import annotations
 
@@ -18,6 +19,15 @@ DISPATCHES = ("auto", "einsum", "index", "dropless")
 ROUTER_DTYPES = ("float32", "bfloat16")
 # Routers that look at the whole group when they decide: never in a causal (decoder) layer.
 GROUP_WIDE_ROUTERS = ("expert_choice", "soft")
+# Options a router does not read: a value other than the default is refused, never ignored.
+_TOKEN_ORDER = ("k", "order", "batch_prioritized", "renormalize")
+IGNORED_OPTIONS = {
+    "expert_choice": _TOKEN_ORDER + ("bias_update_rate",),
+    "soft": _TOKEN_ORDER + ("router_dtype", "router_init_scale", "bias_update_rate"),
+    "noisy_top_k": ("renormalize", "bias_update_rate"),
+    "dense": ("k", "order", "batch_prioritized", "bias_update_rate"),
+    "hierarchical": ("bias_update_rate",),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +75,7 @@ class MoEConfig:
                 raise ValueError(f"moe.{field} must be an int >= {low}, got {value!r}")
 
         choice("router", ROUTERS)
+        self._refuse_ignored_options()
         choice("activation", ACTIVATIONS)
         choice("capacity_formula", CAPACITY_FORMULAS)
         choice("capacity_rounding", CAPACITY_ROUNDINGS)
@@ -102,6 +113,14 @@ class MoEConfig:
                              "(each expert takes capacity tokens); dropless is not defined for it")
         if self.dispatch == "dropless" and self.router in GROUP_WIDE_ROUTERS:
             raise ValueError(f"moe.dispatch='dropless' needs token-choice routing, not moe.router={self.router!r}")
+
+    def _refuse_ignored_options(self) -> None:
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for field in IGNORED_OPTIONS.get(self.router, ()):
+            if getattr(self, field) != defaults[field]:
+                raise ValueError(f"moe.{field}={getattr(self, field)!r} does not apply to "
+                                 f"moe.router={self.router!r}, which does not read it: leave it at its default "
+                                 f"{defaults[field]!r}")
 
     @property
     def choices_per_token(self) -> int:

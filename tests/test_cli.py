@@ -7,6 +7,7 @@ The model is configs/switch_tiny.py shrunk further (d_model 32, 6 steps of 4 x 3
 a persistent compilation cache, so only the first run of each program compiles.
 (The fault suite, tests/faults, covers the same ground harder: many kills, full disks, meshes.)
 """
+import ast
 import os
 import re
 import shutil
@@ -163,5 +164,7 @@ def test_eval_and_infer_on_the_trained_workdir(setup, trained):
     lines = inference.stdout.splitlines()
     assert len(lines) == len(prompts), inference.report()
     for prompt, line in zip(prompts, lines):
-        assert line.startswith(f"{prompt!r} -> '"), line
+        head = f"{prompt!r} -> "
+        assert line.startswith(head), line
+        assert isinstance(ast.literal_eval(line[len(head):]), str), line  # the continuation, as a repr
     assert not os.path.exists(workdir / "checkpoints" / str(STEPS + 1))

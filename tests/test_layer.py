@@ -162,9 +162,26 @@ BAD_CONFIGS = [
     (dict(router="soft", dispatch="dropless"), "moe.dispatch='dropless'"),
     (dict(activation="tanh"), "activation must be one of"),
 ]
+# Options a router does not read are refused, naming the option and the router (never ignored).
+NOT_READ = [
+    (dict(router="noisy_top_k", bias_update_rate=0.01),
+     "moe.bias_update_rate=0.01 does not apply to moe.router='noisy_top_k'"),
+    (dict(router="hierarchical", bias_update_rate=0.01), "moe.bias_update_rate=0.01 does not apply"),
+    (dict(router="noisy_top_k", k=2, renormalize=True), "moe.renormalize=True does not apply"),
+    (dict(router="expert_choice", renormalize=True),
+     "moe.renormalize=True does not apply to moe.router='expert_choice'"),
+    (dict(router="soft", renormalize=True), "moe.renormalize=True does not apply to moe.router='soft'"),
+    (dict(router="soft", router_dtype="bfloat16"), "moe.router_dtype='bfloat16' does not apply"),
+    (dict(router="soft", router_init_scale=1.0), "moe.router_init_scale=1.0 does not apply"),
+    (dict(router="expert_choice", k=2), "moe.k=2 does not apply to moe.router='expert_choice'"),
+    (dict(router="soft", k=2), "moe.k=2 does not apply to moe.router='soft'"),
+    (dict(router="expert_choice", order="token_major"), "moe.order='token_major' does not apply"),
+    (dict(router="soft", batch_prioritized=True), "moe.batch_prioritized=True does not apply"),
+    (dict(router="dense", k=2), "moe.k=2 does not apply to moe.router='dense'"),
+]
 
 
-@pytest.mark.parametrize("opts,message", BAD_CONFIGS)
+@pytest.mark.parametrize("opts,message", BAD_CONFIGS + NOT_READ)
 def test_bad_config_is_refused_with_the_field_name(opts, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         MoEConfig(**{"num_experts": 4, **opts})

@@ -240,7 +240,8 @@ def test_remat_policies_keep_less_for_the_backward_pass():
     (dict(position="rope", head_dim=5), "model.head_dim must be even"),
     (dict(dtype="float16"), "model.dtype must be one of"),
     (dict(remat=True), "model.remat must be one of"),
-    (dict(moe={"router": "expert_choice"}), "moe.router='expert_choice'.*decoder_moe_every=0"),
+    (dict(moe={"router": "expert_choice", "k": 1, "order": "rank_major"}),
+     "moe.router='expert_choice'.*decoder_moe_every=0"),
     (dict(moe={"order": "rank_major"}), "moe.order='rank_major'"),
 ])
 def test_bad_configs_are_refused(opts, message):
@@ -249,7 +250,8 @@ def test_bad_configs_are_refused(opts, message):
 
 
 def test_group_wide_routers_are_allowed_in_the_encoder():
-    cfg = tiny(kind="encoder_decoder", decoder_moe_every=0, moe={"router": "expert_choice"})
+    cfg = tiny(kind="encoder_decoder", decoder_moe_every=0,
+               moe={"router": "expert_choice", "k": 1, "order": "rank_major"})
     model = build_model(cfg, rngs=nnx.Rngs(0))
     logits, aux = model(tokens(), tokens())
     assert logits.shape == (2, 8, V) and aux["moe"]["decoder"] is None

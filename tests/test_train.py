@@ -27,7 +27,8 @@ def small_config(name="switch_tiny", **top):
 
 def synthetic_batch(config, seed=0):
     rng = np.random.default_rng(seed)
-    B, Li, Lt = config.batch_size, config.seq_len, config.target_seq_len
+    B, Li = config.batch_size, config.seq_len
+    Lt = config.target_seq_len if config.model.kind == "encoder_decoder" else config.seq_len  # an LM: seq_len
     weights = np.ones((B, Lt), np.float32)
     weights[:, -2:] = 0  # some padding in the targets
     batch = dict(decoder_input_tokens=rng.integers(1, V, (B, Lt)), decoder_target_tokens=rng.integers(1, V, (B, Lt)),

@@ -65,6 +65,9 @@ def plan(config, process_count: int = 1) -> Plan:
                          "each host loads batch_size // process_count rows")
     seq_len = _int("seq_len", config.seq_len, 2)
     if d.objective == "lm":
+        if config.target_seq_len:
+            raise ValueError(f"target_seq_len={config.target_seq_len} does not apply to data.objective='lm' "
+                             "(an LM's targets are its seq_len inputs shifted): leave it at 0")
         return Plan("lm", 0, seq_len, seq_len, batch_size // process_count)
 
     if not 0 < d.noise_density < 1:

@@ -25,6 +25,7 @@ def config_for(router: str, num_experts: int, mesh_shape=(1, 1, 1)):
     else:
         config.model.update(dict(kind="decoder", num_decoder_layers=1, decoder_moe_every=1))
         config.data.objective = "lm"
+        config.seq_len, config.target_seq_len = config.target_seq_len, 0  # the same 8 decoder positions
     config.mesh_shape = mesh_shape
     return config
 
