@@ -42,9 +42,14 @@ def monotone_in_experts(groups: dict[str, list[dict]], experts: tuple[int, ...])
             spread = "one seed each: no seed spread" if sd is None else f"pooled seed sd {sd:.4f}"
             worse.append(f"{lo} -> {hi} experts worsens it by {rise:.4f} ({spread})")
     span = f"from {experts[0]} to {experts[-1]} experts"
-    if not worse:
-        return f"Final eval loss falls with the number of experts {span}, monotone within the seed spread."
-    return f"Final eval loss is not monotone in the number of experts {span}: " + "; ".join(worse) + "."
+    first, last = (report.final_losses(rs) for rs in report.common_seeds(groups[group(experts[0])],
+                                                                           groups[group(experts[-1])]))
+    net, sd = sum(last) / len(last) - sum(first) / len(first), report.pooled_sd(first, last)
+    spread = "one seed each" if sd is None else f"pooled seed sd {sd:.4f}"
+    change = f"{span} the final eval loss changes by {net:+.4f} ({spread})"
+    if worse:
+        return f"Not monotone: {change}, and " + "; ".join(worse) + "."
+    return f"Monotone within the seed spread (no step up in experts worsens it by more than one sd): {change}."
 
 
 def reach_sentence(name: str, runs: list[dict], dense: list[dict]) -> str:

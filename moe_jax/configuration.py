@@ -185,7 +185,11 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         if config[name] < 0:
             raise ConfigError(f"config.{name} must be >= 0, got {config[name]}")
     model = model_config(config)
-    data_options.plan(config)  # the data fields, and the lengths they imply
+    try:
+        data_options.plan(config)  # the data fields, and the lengths they imply
+    except AttributeError as e:  # ml_collections' missing field: its name, quoted
+        raise ConfigError(f"config.data has no field {str(e).strip(chr(34))}: start from configs/base.py, which "
+                          "sets every data field") from None
     return model
 
 

@@ -7,6 +7,7 @@ per module in a temporary TFDS data dir (a few seconds).
 import io
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import sentencepiece as spm
 import tensorflow_datasets as tfds
 
 from configs import base
-from moe_jax import data
+from moe_jax import configuration, data
 from moe_jax.data import corpus, options, sources, tokenizer
 
 MAX_FILES, PIECES = 30, 1000
@@ -304,3 +305,10 @@ def test_wrong_split_and_text_key_are_named(data_dir, tok):
         list(data.eval_batches(make_config(data_dir, **{"data.eval_split": "test"}), tok))
     with pytest.raises(ValueError, match=r"data\.text_key='content' is not a feature"):
         data.train_iterator(make_config(data_dir, **{"data.text_key": "content"}), tok)
+
+
+def test_a_config_missing_a_data_field_is_refused_naming_it():
+    config = configuration.load(str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "switch_tiny.py"))
+    del config.data["noise_density"]
+    with pytest.raises(configuration.ConfigError, match="config.data has no field 'noise_density'"):
+        configuration.validate(config)
