@@ -82,8 +82,21 @@ def collect(run: Run, workdir: pathlib.Path, common: dict, error: str, wall: flo
     }
 
 
+def result_path(experiment: str, run: Run) -> pathlib.Path:
+    return RESULTS / experiment / "runs" / f"{run.name}.json"
+
+
+def load_results(experiment: str, runs: list[Run], partial: bool = False) -> list[dict] | None:
+    """The saved results of `runs`: all of them, or None while any is missing; with `partial`, those
+    that exist (None when none does)."""
+    present = [p for p in (result_path(experiment, r) for r in runs) if p.exists()]
+    if not present or (len(present) < len(runs) and not partial):
+        return None
+    return [json.loads(p.read_text()) for p in present]
+
+
 def execute(experiment: str, run: Run, common: dict, jobs: int) -> dict:
-    out = RESULTS / experiment / "runs" / f"{run.name}.json"
+    out = result_path(experiment, run)
     if out.exists():
         return json.loads(out.read_text())
     workdir = WORKDIRS / experiment / run.name
@@ -120,10 +133,10 @@ def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: in
     if not args.report_only:
         with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
             list(pool.map(lambda r: execute(experiment, r, common, args.jobs), runs))
-    paths = [RESULTS / experiment / "runs" / f"{r.name}.json" for r in runs]
-    missing = [r.name for r, p in zip(runs, paths) if not p.exists()]
-    if missing and not partial:
+    results = load_results(experiment, runs, partial)
+    if results is None:
+        missing = [r.name for r in runs if not result_path(experiment, r).exists()]
         raise SystemExit(f"[{experiment}] no report: {len(missing)} runs have no results yet ({', '.join(missing)}); "
                          f"run `python -m experiments.{experiment}` without --report_only")
-    report([json.loads(p.read_text()) for p in paths if p.exists()], RESULTS / experiment)
+    report(results, RESULTS / experiment)
     print(f"[{experiment}] report in {RESULTS / experiment / 'README.md'} ({time.perf_counter() - start:.0f} s)")

@@ -8,8 +8,6 @@ regenerates every report and both blocks and fails if a committed file differs.
 """
 from __future__ import annotations
 
-import json
-import pathlib
 import re
 
 from experiments import diagnosis, runner, scaling_experts, top1_vs_top2
@@ -21,13 +19,8 @@ START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 
 def load_results(experiment) -> list[dict] | None:
-    """The committed results of an experiment's runs: all of them, or None while any is missing,
-    unless the experiment reports partial results (PARTIAL_REPORT), then those that exist."""
-    paths = [runner.RESULTS / experiment.NAME / "runs" / f"{r.name}.json" for r in experiment.runs()]
-    present = [p for p in paths if p.exists()]
-    if not present or (len(present) < len(paths) and not getattr(experiment, "PARTIAL_REPORT", False)):
-        return None
-    return [json.loads(p.read_text()) for p in present]
+    """An experiment module's committed results (see runner.load_results and PARTIAL_REPORT)."""
+    return runner.load_results(experiment.NAME, experiment.runs(), getattr(experiment, "PARTIAL_REPORT", False))
 
 
 def block(link_prefix: str) -> str:
@@ -39,8 +32,7 @@ def block(link_prefix: str) -> str:
         link = f"[{experiment.NAME}]({link_prefix}results/{experiment.NAME}/README.md)" if readme.exists() else (
             f"{experiment.NAME}")
         if results is None:
-            done = sum((runner.RESULTS / experiment.NAME / "runs" / f"{r.name}.json").exists()
-                       for r in experiment.runs())
+            done = sum(runner.result_path(experiment.NAME, r).exists() for r in experiment.runs())
             lines.append(f"- {link}: {done} of {len(experiment.runs())} runs done; no findings yet.")
             continue
         lines.append(f"- {link}:")
