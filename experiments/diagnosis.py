@@ -84,12 +84,17 @@ def done(results: list[dict]) -> list[str]:
     return [name for name in HYPOTHESES if pair(results, name) is not None]
 
 
+def gap(dense: dict, sparse: dict) -> float:
+    """Switch's final eval loss minus its dense twin's."""
+    return sparse["final_eval_loss"] - dense["final_eval_loss"]
+
+
 def verdict(dense: dict, sparse: dict, noise: float) -> str:
     """One line from the pair's final eval losses; `noise` is the seed spread it is judged against."""
-    gap = sparse["final_eval_loss"] - dense["final_eval_loss"]
-    lead = "Switch ahead" if gap < 0 else "dense ahead"
-    inside = "inside" if abs(gap) <= noise else "outside"
-    return f"{lead} by {abs(gap):.4f}, {inside} the seed spread ({noise:.4f})"
+    g = gap(dense, sparse)
+    lead = "Switch ahead" if g < 0 else "dense ahead"
+    inside = "inside" if abs(g) <= noise else "outside"
+    return f"{lead} by {abs(g):.4f}, {inside} the seed spread ({noise:.4f})"
 
 
 def noise_level() -> float:
@@ -101,17 +106,14 @@ def noise_level() -> float:
 def findings(results: list[dict]) -> list[str]:
     noise, names = noise_level(), done(results)
     out = [f"{name}: {verdict(*pair(results, name), noise)}." for name in names]
-
-    def gap(name):  # Switch minus its dense twin
-        dense, sparse = pair(results, name)
-        return sparse["final_eval_loss"] - dense["final_eval_loss"]
-
-    best = min(names, key=gap)
-    out.append(f"The largest Switch lead over its own dense twin is {best}'s ({-gap(best):+.4f}); "
+    gaps = {name: gap(*pair(results, name)) for name in names}
+    best = min(gaps, key=gaps.get)
+    out.append(f"The largest Switch lead over its own dense twin is {best}'s ({-gaps[best]:+.4f}); "
                "the headline experiments run in experiments/regime.py.")
     pending = [name for name in HYPOTHESES if name not in names]
     if pending:
-        out.append(f"Not run yet: {', '.join(pending)} (`python -m experiments.{NAME}` runs what is missing).")
+        out.append(f"Not run yet: {', '.join(pending)} "
+                   f"(`python -m experiments.{NAME}` runs what is missing).")
     return out
 
 
@@ -124,7 +126,7 @@ def write_report(results: list[dict], out) -> None:
         flags = " ".join(f"--config.{k}={v}" for k, v in changes.items()) or "(switch_tiny as it is)"
         rows.append([name, f"`{flags}`", fmt(dense["final_eval_loss"], ".4f"),
                      fmt(sparse["final_eval_loss"], ".4f"),
-                     fmt(sparse["final_eval_loss"] - dense["final_eval_loss"], "+.4f"),
+                     fmt(gap(dense, sparse), "+.4f"),
                      fmt(sparse["max_mean_load"], ".2f"), fmt(sparse["dropped_fraction"], ".3f"),
                      verdict(dense, sparse, noise_level())])
     report.plot_curves(groups, out / "eval_loss.png", "diagnosis")
