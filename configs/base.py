@@ -4,7 +4,18 @@ what differs; the command line overrides any field (--config.moe.num_experts=16)
 Field names follow the Flax examples (num_train_steps, batch_size, ...); model options sit under
 config.model, MoE options under config.moe, data options under config.data.
 """
+import dataclasses
+
 import ml_collections
+
+from moe_jax import sharding
+from moe_jax.models.config import ModelConfig
+from moe_jax.moe_config import MoEConfig
+
+
+def defaults(cls) -> dict:
+    """The fields of a config dataclass with their defaults (nested dataclasses excluded)."""
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -31,19 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.balance_loss_weight = 1e-2  # Switch alpha
     config.z_loss_weight = 1e-3  # ST-MoE
 
+    # Model and MoE options: the dataclasses' defaults (moe_jax.models.config, moe_jax.moe_config) at a
+    # width a CPU trains (the dataclasses default to T5-Base sizes).
     config.model = ml_collections.ConfigDict(dict(
-        kind="encoder_decoder", vocab_size=8192, d_model=128, num_heads=4, num_kv_heads=0, head_dim=32,
-        d_ff=512, activation="relu", num_encoder_layers=2, num_decoder_layers=2, encoder_moe_every=2,
-        decoder_moe_every=2, moe_extra_dense_ffn=False, position="relative", relative_buckets=32,
-        relative_max_distance=128, rope_theta=10000.0, tie_embeddings=False, dropout_rate=0.0, norm_eps=1e-6,
-        dtype="float32", scan_layers=True, remat="none", init_scale=1.0))
-
-    config.moe = ml_collections.ConfigDict(dict(
-        num_experts=8, k=1, router="top_k", d_ff=512, activation="relu", train_capacity_factor=1.25,
-        eval_capacity_factor=2.0, capacity_formula="assignments", capacity_rounding="ceil", min_capacity=1,
-        capacity_multiple_of=1, group_size=0, order="rank_major", batch_prioritized=False, renormalize=False,
-        second_choice="all", router_dtype="float32", router_init_scale=0.1, jitter_eps=0.0, bias_update_rate=0.0, num_expert_groups=1,
-        k_groups=1, soft_slots_per_expert=1, dispatch="auto", expert_dropout=0.0, num_shared_experts=0))
+        defaults(ModelConfig), vocab_size=8192, d_model=128, num_heads=4, head_dim=32, d_ff=512,
+        activation="relu", num_encoder_layers=2, num_decoder_layers=2))
+    config.moe = ml_collections.ConfigDict(dict(defaults(MoEConfig), d_ff=512))
 
     config.data = ml_collections.ConfigDict(dict(
         dataset="default",  # the offline corpus built from Python's standard library, or a TFDS name
@@ -51,24 +55,23 @@ def get_config() -> ml_collections.ConfigDict:
         text_key="text",  # feature holding the text in a TFDS dataset
         train_split="train",
         eval_split="validation",
-        tokenizer="",  # a SentencePiece .model path (gs:// too); "" = train one on the dataset (cached in data_dir)
+        # a SentencePiece .model path (gs:// too); "" = train one on the dataset (cached in data_dir)
+        tokenizer="",
         spm_vocab_size=8000,  # pieces of the trained tokenizer; + extra_ids must fit model.vocab_size
         extra_ids=100,  # span-corruption sentinels on top of the pieces (T5: 32000 + 100 = 32100)
         objective="span_corruption",  # or "lm" (causal language modelling, decoder-only models)
         noise_density=0.15,
         mean_noise_span_length=3.0,
         packing=True,  # several examples per row, with segment ids and positions
-        num_workers=0,  # grain worker processes (0: this process); the batch order depends on it: resume alike
+        # grain worker processes (0: this process); the batch order depends on it: resume alike
+        num_workers=0,
         corpus_max_files=0,  # default corpus: 0 = the whole stdlib; N = a fixed subset of N files (tests)
     ))
 
     # Sharding: a (data, expert, model) mesh, -1 taking the remaining devices, and the map from the
     # model's logical axis names to mesh axes (see moe_jax/sharding.py).
     config.mesh_shape = (-1, 1, 1)
-    config.logical_axis_rules = (
-        ("batch", ("data", "expert")), ("expert", "expert"), ("expert_tokens", "data"), ("embed", None),
-        ("mlp", "model"), ("heads", "model"), ("kv_heads", "model"), ("kv", None), ("vocab", "model"),
-        ("layers", None), ("relpos_buckets", None), ("length", None))
+    config.logical_axis_rules = sharding.DEFAULT_RULES
     return config
 
 

@@ -6,9 +6,9 @@ from configs import base
 
 def get_config(size: str = "full"):
     config = base.get_config()
-    config.model.update(dict(vocab_size=32128, d_model=768, num_heads=12, head_dim=64, d_ff=3072, activation="relu",
-                             num_encoder_layers=12, num_decoder_layers=12, encoder_moe_every=0, decoder_moe_every=0,
-                             tie_embeddings=True, dtype="bfloat16"))
+    config.model.update(dict(vocab_size=32128, d_model=768, num_heads=12, head_dim=64, d_ff=3072,
+                             activation="relu", num_encoder_layers=12, num_decoder_layers=12,
+                             encoder_moe_every=0, decoder_moe_every=0, tie_embeddings=True, dtype="bfloat16"))
     config.seq_len, config.target_seq_len = 512, 114
     config.batch_size = 128
     config.num_train_steps = 100_000

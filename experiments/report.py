@@ -96,7 +96,8 @@ def compare(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) ->
         return (f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, inside one seed sd ({seeds}): "
                 "not resolved.")
     verdict = "resolved" if ratio > 3 else "not resolved at 3 sd"
-    return f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, {ratio:.1f} seed sd ({seeds}): {verdict}."
+    return (f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, {ratio:.1f} seed sd ({seeds}): "
+            f"{verdict}.")
 
 
 def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
@@ -135,12 +136,15 @@ def plot_curves(groups: dict[str, list[dict]], path: pathlib.Path, title: str) -
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for name, runs in groups.items():
         steps = [s for s, _, _ in runs[0]["eval"]]
-        losses = np.mean([[loss for _, loss, _ in r["eval"]] for r in runs if len(r["eval"]) == len(steps)], axis=0)
+        losses = np.mean([[loss for _, loss, _ in r["eval"]] for r in runs if len(r["eval"]) == len(steps)],
+                         axis=0)
         line, = a.plot(steps, losses, marker="o", ms=3, label=name)
-        secs = np.mean([[s for s, _ in eval_seconds(r)] for r in runs if len(r["eval"]) == len(steps)], axis=0)
+        secs = np.mean([[s for s, _ in eval_seconds(r)] for r in runs if len(r["eval"]) == len(steps)],
+                       axis=0)
         b.plot(secs, losses, marker="o", ms=3, color=line.get_color(), label=name)
     a.set(xlabel="step", ylabel="eval loss (= -neg. log perplexity)", title=title)
-    b.set(xlabel="training seconds (2-core CPU, compile excluded)", ylabel="eval loss", title=title + ": wall clock")
+    b.set(xlabel="training seconds (2-core CPU, compile excluded)", ylabel="eval loss",
+          title=title + ": wall clock")
     for ax in (a, b):
         ax.grid(alpha=0.3)
     b.legend(fontsize=8)

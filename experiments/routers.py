@@ -21,13 +21,15 @@ def runs() -> list[runner.Run]:
         "top2": {"moe.k": 2, "moe.order": "token_major", "moe.renormalize": True},
         "noisy_top2": {"moe.router": "noisy_top_k", "moe.k": 2, "moe.order": "token_major"},
         "dense_mixture": {"moe.router": "dense"},
-        "hierarchical": {"moe.router": "hierarchical", "moe.num_expert_groups": 2, "moe.k_groups": 1, "moe.k": 1},
+        "hierarchical": {"moe.router": "hierarchical", "moe.num_expert_groups": 2, "moe.k_groups": 1,
+                         "moe.k": 1},
         "top1_aux_free": {"moe.k": 1, "moe.bias_update_rate": 1e-3, "balance_loss_weight": 0.0},
     }
     encoder = {"top1": {"moe.k": 1}, "expert_choice": {"moe.router": "expert_choice"},
                "soft_moe": {"moe.router": "soft"}}
     out = [runner.Run(f"decoder_{n}", "switch_tiny.py", {**DECODER, **o}) for n, o in decoder.items()]
-    out += [runner.Run(f"encoder_{n}", "switch_tiny.py", {**ENCODER_ONLY_MOE, **o}) for n, o in encoder.items()]
+    out += [runner.Run(f"encoder_{n}", "switch_tiny.py", {**ENCODER_ONLY_MOE, **o})
+            for n, o in encoder.items()]
     return out
 
 
@@ -36,8 +38,8 @@ def write_report(results: list[dict], out) -> None:
         rs = [r for r in results if r["name"].startswith(family)]
         report.plot_curves(report.by_group(rs), out / f"eval_loss_{family}.png", f"routers ({family})")
     rows = [[r["name"], fmt(r["final_eval_loss"], ".4f"), fmt(r["final_eval_accuracy"], ".4f"),
-             fmt(r["tokens_per_sec"], ",.0f"), fmt(r["max_mean_load"], ".2f"), fmt(r["dropped_fraction"], ".3f"),
-             r["error"] or ""] for r in results]
+             fmt(r["tokens_per_sec"], ",.0f"), fmt(r["max_mean_load"], ".2f"),
+             fmt(r["dropped_fraction"], ".3f"), r["error"] or ""] for r in results]
     steps = results[0]["overrides"]["num_train_steps"]
     table = report.markdown_table(["run", f"eval loss at step {steps}", "eval accuracy", "tokens/s",
                                    "max/mean load (routed)", "dropped (train)", "error"], rows)

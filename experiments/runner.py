@@ -45,11 +45,13 @@ def common_overrides(steps: int, eval_every: int) -> dict:
 
 def command(run: Run, workdir: pathlib.Path, common: dict) -> list[str]:
     flags = [f"--config.{k}={v}" for k, v in {**common, **run.overrides}.items()]
-    return [sys.executable, "-m", "moe_jax.main", f"--config=configs/{run.config}", f"--workdir={workdir}", *flags]
+    return [sys.executable, "-m", "moe_jax.main", f"--config=configs/{run.config}", f"--workdir={workdir}",
+            *flags]
 
 
 def _layer_mean(record: dict, prefix: str, stat: str) -> float | None:
-    values = [v for k, v in record.items() if k.startswith(prefix + "/moe/") and k.endswith("/" + stat)]
+    """The mean of one routing statistic over the MoE layers of a metrics.jsonl record."""
+    values = [row[stat] for row in record.get(f"{prefix}/routing", []) if stat in row]
     return float(np.mean(values)) if values else None
 
 
@@ -75,7 +77,8 @@ def collect(run: Run, workdir: pathlib.Path, common: dict, error: str, wall: flo
         "final_eval_loss": evals[-1]["eval/loss"] if evals else None,
         "final_eval_accuracy": evals[-1]["eval/accuracy"] if evals else None,
         "examples_per_sec": batch * steps_timed / seconds if seconds else None,
-        "tokens_per_sec": float(np.mean([r["train/tokens_per_sec"] for r in train[1:]])) if len(train) > 1 else None,
+        "tokens_per_sec": (float(np.mean([r["train/tokens_per_sec"] for r in train[1:]]))
+                           if len(train) > 1 else None),
         "dropped_fraction": mean_of("dropped_fraction", last_quarter, "train"),
         "max_mean_load": mean_of("max_mean_load", last_quarter, "train"),
         "eval_dropped_fraction": mean_of("dropped_fraction", evals[-1:], "eval"),
@@ -120,13 +123,15 @@ def execute(experiment: str, run: Run, common: dict, jobs: int) -> dict:
     return result
 
 
-def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: int, partial: bool = False) -> None:
+def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: int,
+         partial: bool = False) -> None:
     """Command line of an experiment script: run what is missing, then write its report (partial:
     the report can be written from the runs that are done, and names the others)."""
     parser = argparse.ArgumentParser(description=f"experiment {experiment}: run its configs, then report")
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each on one CPU thread when > 1)")
     parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
-    parser.add_argument("--report_only", action="store_true", help="only rewrite the report from saved results")
+    parser.add_argument("--report_only", action="store_true",
+                        help="only rewrite the report from saved results")
     args = parser.parse_args()
     common = common_overrides(args.steps, min(eval_every, args.steps))
     start = time.perf_counter()
@@ -136,7 +141,9 @@ def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: in
     results = load_results(experiment, runs, partial)
     if results is None:
         missing = [r.name for r in runs if not result_path(experiment, r).exists()]
-        raise SystemExit(f"[{experiment}] no report: {len(missing)} runs have no results yet ({', '.join(missing)}); "
+        raise SystemExit(f"[{experiment}] no report: {len(missing)} runs have no results yet "
+                         f"({', '.join(missing)}); "
                          f"run `python -m experiments.{experiment}` without --report_only")
     report(results, RESULTS / experiment)
-    print(f"[{experiment}] report in {RESULTS / experiment / 'README.md'} ({time.perf_counter() - start:.0f} s)")
+    print(f"[{experiment}] report in {RESULTS / experiment / 'README.md'} "
+          f"({time.perf_counter() - start:.0f} s)")

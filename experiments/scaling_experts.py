@@ -49,7 +49,8 @@ def monotone_in_experts(groups: dict[str, list[dict]], experts: tuple[int, ...])
     change = f"{span} the final eval loss changes by {net:+.4f} ({spread})"
     if worse:
         return f"Not monotone: {change}, and " + "; ".join(worse) + "."
-    return f"Monotone within the seed spread (no step up in experts worsens it by more than one sd): {change}."
+    return (f"Monotone within the seed spread (no step up in experts worsens it by more than one sd): "
+            f"{change}.")
 
 
 def reach_sentence(name: str, runs: list[dict], dense: list[dict]) -> str:
@@ -74,7 +75,8 @@ def findings(results: list[dict]) -> list[str]:
     out += [reach_sentence(group(e), groups[group(e)], dense) for e in experts]
     missing = [r.name for r in runs() if r.name not in {x["name"] for x in results}]
     if missing:
-        out.append(f"Not run yet: {', '.join(missing)} (`python -m experiments.{NAME}` runs what is missing); "
+        out.append(f"Not run yet: {', '.join(missing)} (`python -m experiments.{NAME}` runs what is "
+                   "missing); "
                    "the sentences above use the seeds that are done.")
     return out
 

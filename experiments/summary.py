@@ -20,7 +20,8 @@ START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 def load_results(experiment) -> list[dict] | None:
     """An experiment module's committed results (see runner.load_results and PARTIAL_REPORT)."""
-    return runner.load_results(experiment.NAME, experiment.runs(), getattr(experiment, "PARTIAL_REPORT", False))
+    return runner.load_results(experiment.NAME, experiment.runs(),
+                               getattr(experiment, "PARTIAL_REPORT", False))
 
 
 def block(link_prefix: str) -> str:
@@ -29,8 +30,8 @@ def block(link_prefix: str) -> str:
     for experiment in EXPERIMENTS:
         results = load_results(experiment)
         readme = runner.RESULTS / experiment.NAME / "README.md"
-        link = f"[{experiment.NAME}]({link_prefix}results/{experiment.NAME}/README.md)" if readme.exists() else (
-            f"{experiment.NAME}")
+        link = (f"[{experiment.NAME}]({link_prefix}results/{experiment.NAME}/README.md)" if readme.exists()
+                else f"{experiment.NAME}")
         if results is None:
             done = sum(runner.result_path(experiment.NAME, r).exists() for r in experiment.runs())
             lines.append(f"- {link}: {done} of {len(experiment.runs())} runs done; no findings yet.")

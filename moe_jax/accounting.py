@@ -38,15 +38,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import sys
 from collections.abc import Sequence
 
 import ml_collections
-from absl import flags
 from flax import nnx
-from ml_collections import config_flags
-from rich.console import Console
-from rich.table import Table
 
 from moe_jax import configuration, optim
 from moe_jax.data import options as data_options
@@ -54,10 +49,10 @@ from moe_jax.experts import is_gated
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.transformer import build_model
 
-PARAM_CATEGORIES = ("embeddings/logits", "attention", "dense FFN", "experts", "shared experts", "router", "norms",
-                    "position biases")
-FLOP_CATEGORIES = ("attention projections", "attention scores", "dense FFN", "experts", "shared experts", "router",
-                   "logits")
+PARAM_CATEGORIES = ("embeddings/logits", "attention", "dense FFN", "experts", "shared experts", "router",
+                    "norms", "position biases")
+FLOP_CATEGORIES = ("attention projections", "attention scores", "dense FFN", "experts", "shared experts",
+                   "router", "logits")
 ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR = optim.ADAFACTOR_MIN_DIM_TO_FACTOR  # what moe_jax's optimiser uses
 BYTES_PER_FLOAT32 = 4
 
@@ -79,7 +74,8 @@ class ParamGroup:
         return math.prod(self.shape) * self.copies
 
 
-def _ffn_shapes(activation: str, d_model: int, d_ff: int, lead: tuple[int, ...] = ()) -> list[tuple[str, tuple]]:
+def _ffn_shapes(activation: str, d_model: int, d_ff: int,
+                lead: tuple[int, ...] = ()) -> list[tuple[str, tuple]]:
     """FeedForward's arrays: wi (two when gated) [..., D, F] and wo [..., F, D]."""
     wi = [(f"wi/{i}", (*lead, d_model, d_ff)) for i in range(2 if is_gated(activation) else 1)]
     return [*wi, ("wo", (*lead, d_ff, d_model))]
@@ -109,15 +105,8 @@ def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: 
             add("dense FFN", f"ffn/{name}", shape)
         return groups
     E = moe.num_experts
-    if moe.router == "soft":
-        add("router", "ffn/router/kernel", (D, E, moe.soft_slots_per_expert))
-        add("router", "ffn/router/scale", ())
-    else:
-        add("router", "ffn/router/kernel", (D, E))
-    if moe.router == "hierarchical":
-        add("router", "ffn/router/group_kernel", (D, moe.num_expert_groups))
-    if moe.router == "noisy_top_k":
-        add("router", "ffn/router/noise_kernel", (D, E))
+    for name, shape in moe.kind.param_shapes(moe, D).items():
+        add("router", f"ffn/router/{name}", shape)
     for name, shape in _ffn_shapes(moe.activation, D, moe.d_ff, (E,)):
         add("experts", f"ffn/experts/{name}", shape)
     if moe.num_shared_experts:
@@ -130,7 +119,7 @@ def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: 
     return groups
 
 
-def _stacks(cfg: ModelConfig) -> list[tuple[str, int, int]]:
+def stacks(cfg: ModelConfig) -> list[tuple[str, int, int]]:
     """(name, depth, moe_every) of each stack the model has."""
     stacks = [("decoder", cfg.num_decoder_layers, cfg.decoder_moe_every)]
     if cfg.kind == "encoder_decoder":
@@ -148,7 +137,7 @@ def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
         biases = ("encoder_bias", "decoder_bias") if cfg.kind == "encoder_decoder" else ("position_bias",)
         groups += [ParamGroup("position biases", f"{b}/embedding", (cfg.relative_buckets, cfg.num_heads))
                    for b in biases]
-    for stack, depth, every in _stacks(cfg):
+    for stack, depth, every in stacks(cfg):
         units = depth // max(every, 1)
         # Scanned stacks hold each of a unit's layers once, with a leading [units] axis.
         lead, copies = ((units,), 1) if cfg.scan_layers else ((), units)
@@ -166,12 +155,7 @@ def experts_per_token(cfg: ModelConfig, group_tokens: int) -> float:
 
     group_tokens: S, the tokens per routing group (moe.group_size, or the sequence length).
     """
-    moe = cfg.moe
-    if moe.router == "expert_choice":
-        return float(moe.train_capacity_factor)
-    if moe.router == "soft":
-        return moe.num_experts * moe.soft_slots_per_expert / group_tokens
-    return float(moe.choices_per_token)  # k; k_groups * k (hierarchical); E (dense)
+    return cfg.moe.kind.experts_per_token(cfg.moe, group_tokens)
 
 
 def sequence_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -182,7 +166,8 @@ def sequence_lengths(config: ml_collections.ConfigDict) -> tuple[int, int]:
     return plan.inputs_len, plan.targets_len
 
 
-def adafactor_state_size(shape: Sequence[int], min_dim_size_to_factor: int = ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR) -> int:
+def adafactor_state_size(shape: Sequence[int],
+                         min_dim_size_to_factor: int = ADAFACTOR_MIN_DIM_SIZE_TO_FACTOR) -> int:
     """Float32 entries optax.adafactor keeps for one parameter array (momentum off, its default)."""
     size = math.prod(shape)
     if len(shape) >= 2:
@@ -244,7 +229,8 @@ class Accounting:
 
 def _stack_flops(cfg: ModelConfig, depth: int, every: int, *, keys: int, cross_keys: int,
                  group_tokens: int) -> dict[str, float]:
-    """Forward FLOPs per token of one stack's layers; cross_keys > 0 adds the queries' side of cross-attention."""
+    """Forward FLOPs per token of one stack's layers; cross_keys > 0 adds the queries' side of
+    cross-attention."""
     D, H, KVH, Dh, moe = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.moe
     moe_layers = depth // every if every else 0
     dense_layers = depth - moe_layers + (moe_layers if cfg.moe_extra_dense_ffn else 0)
@@ -254,18 +240,11 @@ def _stack_flops(cfg: ModelConfig, depth: int, every: int, *, keys: int, cross_k
     flops["attention scores"] = depth * 4 * H * Dh * (keys + cross_keys)
     flops["dense FFN"] = dense_layers * 2 * _ffn_params(cfg.activation, D, cfg.d_ff)
     if moe_layers:
-        E = moe.num_experts
-        if moe.router == "soft":
-            # Slot logits D x (E*P), then mixing tokens into slots and slots back into tokens.
-            router = 3 * 2 * D * E * moe.soft_slots_per_expert
-        else:
-            kernels = E + (moe.num_expert_groups if moe.router == "hierarchical" else 0) + (
-                E if moe.router == "noisy_top_k" else 0)
-            router = 2 * D * kernels
-        flops["router"] = moe_layers * router
+        flops["router"] = moe_layers * moe.kind.flops_per_token(moe, D)
         expert = _ffn_params(moe.activation, D, moe.d_ff)
         flops["experts"] = moe_layers * 2 * experts_per_token(cfg, group_tokens) * expert
-        flops["shared experts"] = moe_layers * 2 * _ffn_params(moe.activation, D, moe.d_ff * moe.num_shared_experts)
+        flops["shared experts"] = moe_layers * 2 * _ffn_params(moe.activation, D,
+                                                               moe.d_ff * moe.num_shared_experts)
     return {k: float(v) for k, v in flops.items() if v}
 
 
@@ -285,7 +264,7 @@ def account(cfg: ModelConfig, inputs_length: int, targets_length: int) -> Accoun
     active = {c: float(n) for c, n in params.items()}
     active["experts"] = 0.0
     lengths = {"encoder": inputs_length, "decoder": targets_length}
-    for stack, depth, every in _stacks(cfg):
+    for stack, depth, every in stacks(cfg):
         if every:
             per_token = min(experts_per_token(cfg, cfg.moe.group_size or lengths[stack]), E)
             active["experts"] += depth // every * per_token * expert
@@ -297,13 +276,15 @@ def account(cfg: ModelConfig, inputs_length: int, targets_length: int) -> Accoun
                                       cross_keys=0, group_tokens=cfg.moe.group_size or inputs_length))
         # Each decoder layer projects the encoder's output into cross-attention keys and values.
         per_input["attention projections"] += cfg.num_decoder_layers * 2 * (2 * D * KVH * Dh)
-    per_target.update(_stack_flops(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every, keys=targets_length,
-                                   cross_keys=inputs_length, group_tokens=cfg.moe.group_size or targets_length))
+    per_target.update(_stack_flops(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every,
+                                   keys=targets_length, cross_keys=inputs_length,
+                                   group_tokens=cfg.moe.group_size or targets_length))
     return Accounting(
         inputs_length=inputs_length, targets_length=targets_length, params=params, active_params=active,
         forward_flops_per_input_token={c: float(per_input[c]) for c in FLOP_CATEGORIES if per_input[c]},
         forward_flops_per_target_token={c: float(per_target[c]) for c in FLOP_CATEGORIES if per_target[c]},
-        adafactor_state_bytes=BYTES_PER_FLOAT32 * sum(adafactor_state_size(g.shape) * g.copies for g in groups),
+        adafactor_state_bytes=BYTES_PER_FLOAT32 * sum(adafactor_state_size(g.shape) * g.copies
+                                                      for g in groups),
         adamw_state_bytes=2 * BYTES_PER_FLOAT32 * sum(g.size for g in groups))
 
 
@@ -334,7 +315,8 @@ def _model_category(path: tuple) -> str:
 def model_parameter_shapes(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(category, shape) of every nnx.Param of `build_model(cfg)`, built abstractly (no memory)."""
     model = nnx.eval_shape(lambda: build_model(cfg, rngs=nnx.Rngs(0)))
-    return [(_model_category(path), tuple(v.shape)) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    return [(_model_category(path), tuple(v.shape))
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))]
 
 
 def check_against_model(cfg: ModelConfig) -> int:
@@ -342,7 +324,8 @@ def check_against_model(cfg: ModelConfig) -> int:
 
     Raises AccountingError naming the categories and shapes that differ.
     """
-    formula = collections.Counter((g.category, g.shape) for g in parameter_groups(cfg) for _ in range(g.copies))
+    formula = collections.Counter((g.category, g.shape) for g in parameter_groups(cfg)
+                                  for _ in range(g.copies))
     model = collections.Counter(model_parameter_shapes(cfg))
     if formula != model:
         def totals(counter):
@@ -360,111 +343,8 @@ def check_against_model(cfg: ModelConfig) -> int:
 # ----------------------------------------------------------------------------------------------
 # Command line: python -m moe_jax.accounting --config=configs/<x>.py[:tiny] [--config.moe.num_experts=16]
 
-def human_count(n: float) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {suffix}"
-    return f"{n:.0f}"
-
-
-def human_flops(f: float) -> str:
-    for scale, suffix in ((1e15, "PFLOPs"), (1e12, "TFLOPs"), (1e9, "GFLOPs"), (1e6, "MFLOPs"), (1e3, "KFLOPs")):
-        if abs(f) >= scale:
-            return f"{f / scale:.2f} {suffix}"
-    return f"{f:.0f} FLOPs"
-
-
-def human_bytes(b: float) -> str:
-    for scale, suffix in ((2 ** 40, "TiB"), (2 ** 30, "GiB"), (2 ** 20, "MiB"), (2 ** 10, "KiB")):
-        if abs(b) >= scale:
-            return f"{b / scale:.2f} {suffix}"
-    return f"{b:.0f} B"
-
-
-def _tables(config: ml_collections.ConfigDict, acc: Accounting, cfg: ModelConfig) -> list[Table]:
-    params = Table(title="Parameters")
-    for column in ("part", "total", "share", "active per token"):
-        params.add_column(column, justify="left" if column == "part" else "right")
-    total = acc.total_params
-    for category in PARAM_CATEGORIES:
-        if acc.params[category]:
-            params.add_row(category, human_count(acc.params[category]), f"{acc.params[category] / total:.1%}",
-                           human_count(acc.active_params[category]))
-    params.add_row("total", f"{human_count(total)} ({total:,})", "100%", human_count(acc.total_active_params),
-                   style="bold")
-
-    encdec = cfg.kind == "encoder_decoder"
-    flops = Table(title="Forward FLOPs per token and per example (training = 3 x forward)")
-    columns = ["part", *(["input token"] if encdec else []), "target token" if encdec else "token",
-               f"example ({acc.tokens_per_example} tokens)"]
-    for column in columns:
-        flops.add_column(column, justify="left" if column == "part" else "right")
-    for category in FLOP_CATEGORIES:
-        per_input = acc.forward_flops_per_input_token.get(category, 0.0)
-        per_target = acc.forward_flops_per_target_token.get(category, 0.0)
-        if per_input or per_target:
-            flops.add_row(category, *([human_flops(per_input) if per_input else "-"] if encdec else []),
-                          human_flops(per_target) if per_target else "-",
-                          human_flops(acc.forward_flops_per_example(category)))
-    per_input = sum(acc.forward_flops_per_input_token.values())
-    per_target = sum(acc.forward_flops_per_target_token.values())
-    flops.add_row("forward", *([human_flops(per_input)] if encdec else []), human_flops(per_target),
-                  human_flops(acc.forward_flops_per_example()), style="bold")
-    flops.add_row("training", *([human_flops(3 * per_input)] if encdec else []), human_flops(3 * per_target),
-                  human_flops(acc.training_flops_per_example), style="bold")
-
-    memory = Table(title="Memory (float32)")
-    memory.add_column("what")
-    memory.add_column("bytes", justify="right")
-    memory.add_row("parameters", human_bytes(acc.param_bytes))
-    for name, state in (("adafactor", acc.adafactor_state_bytes), ("adamw", acc.adamw_state_bytes)):
-        mark = " (config.optimizer)" if config.get("optimizer") == name else ""
-        memory.add_row(f"{name} state{mark}", human_bytes(state))
-        memory.add_row(f"parameters + {name} state", human_bytes(acc.param_bytes + state))
-    return [params, flops, memory]
-
-
-def report(config: ml_collections.ConfigDict, *, check: bool = False, console: Console | None = None) -> Accounting:
-    """Print the accounting of an experiment config as rich tables; check=True also proves the
-    parameter formula against the abstractly built model first."""
-    console = console or Console()
-    cfg = configuration.model_config(config)
-    if check:
-        check_against_model(cfg)
-    acc = account_config(config)
-    moe_layers = sum(depth // every for _, depth, every in _stacks(cfg) if every)
-    lengths = (f"{acc.inputs_length} input + {acc.targets_length} target tokens" if acc.inputs_length
-               else f"{acc.targets_length} tokens")
-    routing = (f"{moe_layers} MoE layers of {cfg.moe.num_experts} experts ({cfg.moe.router}, k={cfg.moe.k})"
-               if moe_layers else "dense (no MoE layers)")
-    console.print(f"{cfg.kind}, d_model {cfg.d_model}, {routing}; {lengths} per example"
-                  + ("; parameter formula checked against build_model" if check else ""))
-    for table in _tables(config, acc, cfg):
-        console.print(table)
-    console.print(f"per token, averaged over the example: forward {human_flops(acc.forward_flops_per_token)}, "
-                  f"training {human_flops(acc.training_flops_per_token)}; not counted: embedding lookup, norms, "
-                  "softmaxes, dispatch overhead, capacity padding (see moe_jax.accounting)")
-    return acc
-
-
-def main(argv: Sequence[str] | None = None) -> Accounting:
-    """`python -m moe_jax.accounting --config=configs/<x>.py[:tiny] [--config.moe.num_experts=16] [--check]`."""
-    argv = list(sys.argv if argv is None else argv)
-    configuration.make_configs_importable(argv)
-    flag_values = flags.FlagValues()  # private, so importing this module defines no global flags
-    config_flag = config_flags.DEFINE_config_file("config", None, "experiment config: configs/<x>.py[:arg]",
-                                                  flag_values=flag_values, sys_argv=argv)
-    check = flags.DEFINE_bool("check", False, "also prove the parameter formula against the abstractly built "
-                              "model (nnx.eval_shape; no memory)", flag_values=flag_values)
-    flag_values(argv)
-    if config_flag.value is None:
-        raise AccountingError("pass --config=configs/<experiment>.py[:tiny] (available: "
-                              f"{', '.join(sorted(configuration.available_configs()))})")
-    return report(config_flag.value, check=check.value)
-
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, flags.Error) as e:  # bad flags, configs or lengths: the message says what to fix
-        sys.exit(f"error: {e}")
+    from moe_jax import accounting_report  # the command line: rich tables of these formulas
+
+    accounting_report.run()

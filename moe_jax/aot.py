@@ -42,15 +42,16 @@ def parse_accelerator_type(name: str) -> tuple[str, int, float]:
     """'v5e-16' -> (libtpu topology name 'v5e:4x4', chips 16, HBM GiB per chip 16)."""
     match = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
     if not match:
-        raise TopologyError(f"--topology must be a Cloud TPU accelerator type such as v4-8, v5e-16, v5p-32 or v6e-8; "
-                            f"got {name!r}")
+        raise TopologyError(f"--topology must be a Cloud TPU accelerator type such as v4-8, v5e-16, "
+                            f"v5p-32 or v6e-8; got {name!r}")
     generation, count = match.group(1), int(match.group(2))
     prefix, hbm, cores_per_chip = GENERATIONS[generation]
     chips = count // cores_per_chip
     grid = (GRID_3D if prefix in ("v4", "v5p") else GRID_2D).get(chips)
     if grid is None or count % cores_per_chip:
-        raise TopologyError(f"no known slice shape for {name!r} ({chips} chips); known sizes: "
-                            f"{sorted(g * cores_per_chip for g in (GRID_3D if prefix in ('v4', 'v5p') else GRID_2D))}")
+        raise TopologyError(
+            f"no known slice shape for {name!r} ({chips} chips); known sizes: "
+            f"{sorted(g * cores_per_chip for g in (GRID_3D if prefix in ('v4', 'v5p') else GRID_2D))}")
     return f"{prefix}:{grid}", chips, hbm
 
 
@@ -58,8 +59,9 @@ def abstract_batch(trainer: Trainer, config) -> dict:
     """Shapes of one global batch of the config's objective, laid out over the batch shards."""
     B = config.batch_size
     dec_len = data_options.plan(config).targets_len
-    shapes = {name: (B, dec_len) for name in ("decoder_input_tokens", "decoder_target_tokens", "decoder_segment_ids",
-                                              "decoder_positions", "decoder_loss_weights")}
+    shapes = {name: (B, dec_len) for name in ("decoder_input_tokens", "decoder_target_tokens",
+                                              "decoder_segment_ids", "decoder_positions",
+                                              "decoder_loss_weights")}
     if trainer.model_cfg.kind == "encoder_decoder":
         shapes.update({name: (B, config.seq_len) for name in ("encoder_input_tokens", "encoder_segment_ids",
                                                                "encoder_positions")})
@@ -123,8 +125,8 @@ def compile_check(config, topology: str) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     collectives = collective_counts(compiled.as_text())
-    peak = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes \
-        + mem.generated_code_size_in_bytes
+    peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+            + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
     return {
         "topology": f"{topology} ({topo_name}, {len(devices)} devices, {devices[0].device_kind})",
         "mesh": dict(mesh.shape), "compile_seconds": seconds,
@@ -145,8 +147,8 @@ def format_report(r: dict) -> str:
 
     if "reason" in r:
         return (f"train step for {r['topology']}, mesh {r['mesh']}: {r['reason']}\n"
-                f"per device: parameters {gib(r['params_bytes'])}, optimizer state {gib(r['opt_state_bytes'])}, "
-                f"HBM {gib(r['hbm_bytes'])}")
+                f"per device: parameters {gib(r['params_bytes'])}, "
+                f"optimizer state {gib(r['opt_state_bytes'])}, HBM {gib(r['hbm_bytes'])}")
     lines = [f"train step compiled for {r['topology']} in {r['compile_seconds']:.1f} s, mesh {r['mesh']}",
              "per device:",
              f"  parameters        {gib(r['params_bytes'])}",
@@ -154,11 +156,12 @@ def format_report(r: dict) -> str:
              f"  batch             {gib(r['batch_bytes'])}",
              f"  temporaries       {gib(r['temp_bytes'])}",
              f"  code              {gib(r['code_bytes'])}",
-             f"  peak (args + outputs - donated + temps + code) {gib(r['peak_bytes'])} of {gib(r['hbm_bytes'])} HBM "
-             f"({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%)",
+             f"  peak (args + outputs - donated + temps + code) {gib(r['peak_bytes'])} "
+             f"of {gib(r['hbm_bytes'])} HBM ({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%)",
              f"compiler cost estimate per device: {r['flops_per_device'] / 1e12:.3f} TFLOPs, "
              f"{r['bytes_accessed_per_device'] / GIB:.2f} GiB accessed per step",
-             "collectives in the step: " + (", ".join(f"{op} x{n}" for op, n in r["collectives"].items()) or "none")]
+             "collectives in the step: "
+             + (", ".join(f"{op} x{n}" for op, n in r["collectives"].items()) or "none")]
     return "\n".join(lines)
 
 
@@ -174,9 +177,11 @@ def main(argv):
     print(format_report(report))
     if not report["fits"]:
         over = ("" if "peak_bytes" not in report
-                else f" needs {(report['peak_bytes'] - report['hbm_bytes']) / GIB:.2f} GiB more than a device's HBM and")
-        sys.exit(f"error: the step{over} does not fit: shard more (config.mesh_shape), lower config.batch_size, "
-                 "raise config.grad_accum_steps, or set config.model.remat='minimal' or 'full'")
+                else f" needs {(report['peak_bytes'] - report['hbm_bytes']) / GIB:.2f} GiB more than "
+                     "a device's HBM and")
+        sys.exit(f"error: the step{over} does not fit: shard more (config.mesh_shape), "
+                 "lower config.batch_size, raise config.grad_accum_steps, "
+                 "or set config.model.remat='minimal' or 'full'")
 
 
 def run() -> None:

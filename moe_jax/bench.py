@@ -61,7 +61,8 @@ flags.DEFINE_list("experts", ["8", "32", "128"], "layer: numbers of experts E.")
 flags.DEFINE_list("k", ["1", "2"], "layer: choices per token.")
 flags.DEFINE_list("capacity_factor", ["1.0", "1.25", "2.0"], "layer: capacity factors (<= 0: dropless).")
 flags.DEFINE_list("group_size", ["1024", "8192"], "layer: largest routing group S (moe.group_size).")
-flags.DEFINE_list("activation", ["relu"], "layer: expert activations (relu, gelu: plain; swiglu, geglu: gated).")
+flags.DEFINE_list("activation", ["relu"],
+                  "layer: expert activations (relu, gelu: plain; swiglu, geglu: gated).")
 flags.DEFINE_integer("tokens", 32768, "layer: tokens T per call.")
 flags.DEFINE_integer("seq_len", 512, "layer: sequence length L (the input is [T / L, L, D]).")
 flags.DEFINE_integer("d_model", 128, "layer: model width D.")
@@ -72,7 +73,8 @@ config_flags.DEFINE_config_file("config", None, "train: experiment config file."
 config_flags.DEFINE_config_file("baseline", None, "train: a second config to compare with.", lock_config=True)
 flags.DEFINE_integer("steps", 0, "train: timed steps (0: --reps).")
 flags.DEFINE_bool("compile_only", False, "train: only lower and compile the step on abstract state.")
-flags.DEFINE_integer("compile_reps", 3, "train: rounds of lowering and compiling each config (medians reported).")
+flags.DEFINE_integer("compile_reps", 3,
+                     "train: rounds of lowering and compiling each config (medians reported).")
 
 
 def device_line() -> str:
@@ -150,7 +152,8 @@ class ExpertsOnly(nnx.Module):
 
 
 # Skip einsum points whose masks alone would take a quarter of the host's memory.
-MEMORY_LIMIT = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 if hasattr(os, "sysconf") else 2 ** 33
+MEMORY_LIMIT = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 4 if hasattr(os, "sysconf")
+                else 2 ** 33)
 
 
 def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
@@ -164,16 +167,19 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
     if dispatch == EXPERTS_ONLY:
         layer = ExpertsOnly(layer.experts, E)
     rec = dict(dispatch=dispatch, num_experts=E, k=k, capacity_factor=cf, group_size=S, capacity=C, tokens=T,
-               d_model=D, d_ff=F, activation=activation, gated=is_gated(activation), tokens_per_expert=T * k / E,
+               d_model=D, d_ff=F, activation=activation, gated=is_gated(activation),
+               tokens_per_expert=T * k / E,
                floor=1.0 if dispatch == EXPERTS_ONLY else 1 + E / (n_mats * k * F), device=device_line())
     slots = E * (S if C is None else C)  # slots per group
-    flops = matmul_flops(dispatch, T=T, D=D, F=F, E=E, k=k, rows=G * slots if dispatch != "dropless" else T * k,
+    flops = matmul_flops(dispatch, T=T, D=D, F=F, E=E, k=k,
+                         rows=G * slots if dispatch != "dropless" else T * k,
                          n_mats=n_mats, einsum_slots=slots)
     estimate = flops / dense["flops"] * dense["seconds"] * (_FLAGS.reps + 1)
     if estimate > _FLAGS.max_seconds:
         return {**rec, "skipped": f"estimated {estimate:.0f} s > --max_seconds={_FLAGS.max_seconds:.0f}"}
     if dispatch == EXPERTS_ONLY and G * slots != T:
-        return {**rec, "skipped": "experts-only needs buffers of T rows (k = 1, capacity factor 1, C = S / E)"}
+        return {**rec,
+                "skipped": "experts-only needs buffers of T rows (k = 1, capacity factor 1, C = S / E)"}
     masks = 4 * 4 * T * slots if dispatch == "einsum" else 0  # float32 [G, S, E, C] x (2 masks + 2 gradients)
     if masks > MEMORY_LIMIT:
         return {**rec, "skipped": f"one-hot masks need about {masks / 2 ** 30:.1f} GiB"}
@@ -189,7 +195,8 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
     # the load swings of a shared machine better than the quotient of the medians.
     paired = statistics.median(a / b for a, b in zip(*times))
     return {**rec, "ms": ms, "dense_ms": dense_ms, "ratio": ms / dense_ms, "paired_ratio": paired,
-            "temp_bytes": temp_bytes(compiled), "dense_temp_bytes": dense["temp_bytes"], "compile_s": compile_s}
+            "temp_bytes": temp_bytes(compiled), "dense_temp_bytes": dense["temp_bytes"],
+            "compile_s": compile_s}
 
 
 def dense_twin(k: int, activation: str) -> dict:
@@ -203,8 +210,9 @@ def dense_twin(k: int, activation: str) -> dict:
     return dict(x=x, call=call, seconds=seconds, flops=flops, temp_bytes=temp_bytes(compiled))
 
 
-TABLE = ("{dispatch:>8} {activation:>6} {num_experts:>4} {k:>2} {capacity_factor:>5} {group_size:>6} {capacity!s:>5} "
-         "{tokens_per_expert:>8.0f} {ms:>9} {dense_ms:>9} {ratio:>6} {paired_ratio:>6} {floor:>6.3f} {temp:>9}")
+TABLE = ("{dispatch:>8} {activation:>6} {num_experts:>4} {k:>2} {capacity_factor:>5} {group_size:>6} "
+         "{capacity!s:>5} {tokens_per_expert:>8.0f} {ms:>9} {dense_ms:>9} {ratio:>6} {paired_ratio:>6} "
+         "{floor:>6.3f} {temp:>9}")
 
 
 def print_row(rec: dict) -> None:
@@ -223,8 +231,9 @@ def run_layer() -> None:
         print(f"# {device_line()}; T={_FLAGS.tokens} D={_FLAGS.d_model} F={_FLAGS.d_ff} L={_FLAGS.seq_len}; "
               f"median of {_FLAGS.reps} interleaved calls (forward + backward)")
         print(TABLE.replace(":>8.0f", ":>8").replace(":>6.3f", ":>6").format(
-            dispatch="dispatch", activation="act", num_experts="E", k="k", capacity_factor="cf", group_size="S",
-            capacity="C", tokens_per_expert="tok/exp", ms="ms", dense_ms="dense ms", ratio="ratio", paired_ratio="paired",
+            dispatch="dispatch", activation="act", num_experts="E", k="k", capacity_factor="cf",
+            group_size="S", capacity="C", tokens_per_expert="tok/exp", ms="ms", dense_ms="dense ms",
+            ratio="ratio", paired_ratio="paired",
             floor="floor",
             temp="temp MiB"))
     for activation in _FLAGS.activation:
@@ -279,7 +288,8 @@ class TrainBench:
     def compile(self) -> None:
         """Lower and compile the step afresh (a new jit, so nothing is cached); times appended."""
         t0 = time.perf_counter()
-        lowered = self.trainer.jit_train_step().lower(self.trainer.abstract_sharded_state(), self.abstract_batch)
+        lowered = self.trainer.jit_train_step().lower(self.trainer.abstract_sharded_state(),
+                                                      self.abstract_batch)
         t1 = time.perf_counter()
         self.compiled = lowered.compile()
         self.compile_times.append((t1 - t0, time.perf_counter() - t1))
@@ -341,8 +351,8 @@ def run_train() -> None:
                     f"{', '.join(f'{t:.1f}' for t in r['compile_s_rounds'])} s), "
                     f"temp {r['temp_bytes'] / 2 ** 20:.0f} MiB")
             if "step_ms" in r:
-                line += (f", step {r['step_ms']:.1f} ms (median of {r['steps']}), {r['tokens_per_s']:,.0f} tokens/s, "
-                         f"{r['examples_per_s']:.1f} examples/s")
+                line += (f", step {r['step_ms']:.1f} ms (median of {r['steps']}), "
+                         f"{r['tokens_per_s']:,.0f} tokens/s, {r['examples_per_s']:.1f} examples/s")
             print(line, flush=True)
     if len(benches) == 2:
         a, b = (x.record for x in benches)

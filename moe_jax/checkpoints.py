@@ -59,8 +59,8 @@ def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[
 
 def _keys_to_data(tree):
     """Typed PRNG keys -> their uint32 data (Orbax saves plain arrays)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x,
-                        tree)
+    return jax.tree.map(
+        lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
 
 
 def _abstract_key_data(abstract):
@@ -73,8 +73,9 @@ def _abstract_key_data(abstract):
 
 
 def _data_to_keys(tree, abstract):
-    return jax.tree.map(lambda x, a: jax.random.wrap_key_data(x) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
-                        else x, tree, abstract)
+    return jax.tree.map(
+        lambda x, a: jax.random.wrap_key_data(x) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else x,
+        tree, abstract)
 
 
 def gather_host_states(state: Any) -> list:
@@ -116,8 +117,9 @@ class Checkpointer:
         diff = config_differences(self.saved_config(step), config)
         if diff:
             raise CheckpointError(
-                f"the workdir's checkpoint (step {step}, {self.directory}) was trained with a different config; "
-                "refusing to resume or overwrite it. Differences (saved -> now):\n  " + "\n  ".join(diff)
+                f"the workdir's checkpoint (step {step}, {self.directory}) was trained with a different "
+                "config; refusing to resume or overwrite it. Differences (saved -> now):\n  "
+                + "\n  ".join(diff)
                 + "\nUse another --workdir, or restore the saved values.")
 
     def save(self, step: int, state, data_state: Any, config: ml_collections.ConfigDict) -> None:
@@ -127,8 +129,9 @@ class Checkpointer:
                 data=ocp.args.JsonSave({"hosts": gather_host_states(data_state)}),
                 config=ocp.args.JsonSave(json.loads(config.to_json()))), force=True)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.directory}: {_reason(e)}. "
-                                  f"Earlier checkpoints are intact (latest: {self.latest_step()}).") from None
+            raise CheckpointError(f"could not write the checkpoint of step {step} to {self.directory}: "
+                                  f"{_reason(e)}. Earlier checkpoints are intact "
+                                  f"(latest: {self.latest_step()}).") from None
 
     def wait(self) -> None:
         """Block until an asynchronous save has finished; raise CheckpointError if it failed."""
@@ -146,8 +149,8 @@ class Checkpointer:
         hosts = restored["data"]["hosts"]
         if len(hosts) != jax.process_count():
             raise CheckpointError(f"the checkpoint of step {step} was written by {len(hosts)} host(s), but "
-                                  f"{jax.process_count()} are running: each host resumes its own data shard, so "
-                                  "resume with the same number of hosts")
+                                  f"{jax.process_count()} are running: each host resumes its own data shard, "
+                                  "so resume with the same number of hosts")
         return _data_to_keys(restored["state"], abstract_state), hosts[jax.process_index()]
 
     def close(self) -> None:

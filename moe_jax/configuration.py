@@ -62,8 +62,8 @@ def load(path: str) -> ml_collections.ConfigDict:
     try:
         spec.loader.exec_module(module)
     except SyntaxError as e:  # in this file, or in one it imports (configs/base.py)
-        raise ConfigError(f"config file {e.filename or file_path!r} is not valid Python (line {e.lineno}: {e.msg}); "
-                          "is it truncated or corrupted?") from None
+        raise ConfigError(f"config file {e.filename or file_path!r} is not valid Python "
+                          f"(line {e.lineno}: {e.msg}); is it truncated or corrupted?") from None
     except Exception as e:  # noqa: BLE001 (whatever the file's own code raises, said in one line)
         raise ConfigError(f"config file {file_path!r} failed to load{_line_in(e, file_path)}: "
                           f"{type(e).__name__}: {e}") from None
@@ -76,15 +76,16 @@ def load(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"{call} of config file {file_path!r} failed{_line_in(e, file_path)}: "
                           f"{type(e).__name__}: {e}") from None
     if not isinstance(config, ml_collections.ConfigDict):
-        raise ConfigError(f"get_config() of config file {file_path!r} returned {type(config).__name__}, not an "
-                          "ml_collections.ConfigDict: start from configs/base.py")
+        raise ConfigError(f"get_config() of config file {file_path!r} returned {type(config).__name__}, "
+                          "not an ml_collections.ConfigDict: start from configs/base.py")
     return config
 
 
 def _line_in(error: BaseException, file_path: str) -> str:
     """' (line N)' of the innermost frame of `error`'s traceback in `file_path`, or ''."""
     here = os.path.abspath(file_path)
-    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if os.path.abspath(f.filename) == here]
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(f.filename) == here]
     return f" (line {lines[-1]})" if lines else ""
 
 
@@ -158,7 +159,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
 
     unknown = sorted(set(config.keys()) - set(TOP_LEVEL_FIELDS))
     if unknown:
-        hints = [f"{u} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(u, TOP_LEVEL_FIELDS, 1))
+        hints = [f"{u} (did you mean {close[0]}?)"
+                 if (close := difflib.get_close_matches(u, TOP_LEVEL_FIELDS, 1))
                  else u for u in unknown]
         raise ConfigError(f"unknown config field(s): {', '.join(hints)}; known: {sorted(TOP_LEVEL_FIELDS)}")
     for name, kind in TOP_LEVEL_FIELDS.items():
@@ -169,7 +171,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         if kind is float:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
-            raise ConfigError(f"config.{name} must be of type {getattr(kind, '__name__', kind)}, got {value!r}")
+            raise ConfigError(f"config.{name} must be of type {getattr(kind, '__name__', kind)}, "
+                              f"got {value!r}")
     for name in POSITIVE:
         if config[name] < 1:
             raise ConfigError(f"config.{name} must be >= 1, got {config[name]}")
@@ -188,8 +191,8 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
     try:
         data_options.plan(config)  # the data fields, and the lengths they imply
     except AttributeError as e:  # ml_collections' missing field: its name, quoted
-        raise ConfigError(f"config.data has no field {str(e).strip(chr(34))}: start from configs/base.py, which "
-                          "sets every data field") from None
+        raise ConfigError(f"config.data has no field {str(e).strip(chr(34))}: start from configs/base.py, "
+                          "which sets every data field") from None
     return model
 
 

@@ -2,7 +2,8 @@
 et al. 2020; MegaBlocks, Gale et al. 2022 for the dropless form).
 
 Three interchangeable strategies behind one interface, `dispatch(x, decision) -> (inputs, ctx)`
-and `combine(outputs, ctx) -> y`:
+and `combine(outputs, ctx) -> y`; a decision hands them its own one-hot masks (`masks`) and slot
+maps (`slots`), so they serve token choice and expert choice alike:
 - 'einsum': the GShard/Flaxformer reference, one-hot masks [G, S, E, C] and two einsums. Its
   work and memory grow with S * E * C.
 - 'index': integer slot maps and row gathers, O(tokens x K) memory. Both directions are gathers
@@ -14,15 +15,16 @@ Buffers use the layout [E, G * C, D] (expert-major), the one expert parallelism 
 """
 from __future__ import annotations
 
+import typing
 from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import ExpertChoice, TokenChoice
+from moe_jax.routing import SlotMaps
 
 Strategy = Literal["einsum", "index", "dropless"]
-STRATEGIES = ("einsum", "index", "dropless")
+STRATEGIES = typing.get_args(Strategy)
 
 
 @jax.custom_vjp
@@ -48,37 +50,20 @@ def _gather_rows_bwd(res, dout):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def buffer_capacity(decision: TokenChoice | ExpertChoice, group_size: int) -> int:
+def buffer_capacity(decision, group_size: int) -> int:
     """Slots per expert and group; dropless decisions get S (an expert takes a token at most once)."""
     return group_size if decision.capacity is None else decision.capacity
 
 
 # ----------------------------------------------------------------------------- einsum (reference)
-def _einsum_masks(decision, S: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """Dispatch mask and combine weights, both [G, S, E, C]."""
-    C = buffer_capacity(decision, S)
-    if isinstance(decision, TokenChoice):
-        E = decision.num_experts
-        # [G, S, K, E] x [G, S, K, C] -> [G, S, E, C]; position -1 has an all-zero one-hot.
-        expert = jax.nn.one_hot(decision.expert_index, E, dtype=jnp.float32)
-        slot = jax.nn.one_hot(decision.position, C, dtype=jnp.float32)
-        combine = jnp.einsum("gske,gskc,gsk->gsec", expert, slot, decision.weight)
-        dispatch = jnp.einsum("gske,gskc->gsec", expert, slot)
-    else:
-        # [G, E, C] token ids -> [G, E, C, S] one-hot -> [G, S, E, C]
-        dispatch = jnp.transpose(jax.nn.one_hot(decision.token_index, S, dtype=jnp.float32), (0, 3, 1, 2))
-        combine = dispatch * decision.weight[:, None, :, :]
-    return dispatch.astype(dtype), combine
-
-
 class EinsumCtx(NamedTuple):
     combine: jax.Array  # float32 [G, S, E, C]
 
 
 def einsum_dispatch(x: jax.Array, decision) -> tuple[jax.Array, EinsumCtx]:
     G, S, D = x.shape
-    dispatch, combine = _einsum_masks(decision, S, x.dtype)
-    inputs = jnp.einsum("gsec,gsd->egcd", dispatch, x)  # [E, G, C, D]
+    dispatch, combine = decision.masks(buffer_capacity(decision, S))  # [G, S, E, C] x2
+    inputs = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)  # [E, G, C, D]
     E, _, C, _ = inputs.shape
     return inputs.reshape(E, G * C, D), EinsumCtx(combine)
 
@@ -91,27 +76,8 @@ def einsum_combine(outputs: jax.Array, ctx: EinsumCtx) -> jax.Array:
 
 # ----------------------------------------------------------------------------- index
 class IndexCtx(NamedTuple):
-    token_slot: jax.Array | None  # int32 [G, S, K]: slot e*C + c of each choice in its group (E*C: dropped)
-    slot_token: jax.Array  # int32 [G, E*C]: token of the group held by each slot (S: empty)
-    slot_choice: jax.Array | None  # int32 [G, E*C]: (token, choice) index s*K + k in each slot (S*K: empty)
-    weight: jax.Array  # float32 [G, S, K] (token choice) or [G, E*C] (expert choice)
+    maps: SlotMaps
     group_size: int  # S
-
-
-def _token_choice_maps(decision: TokenChoice, C: int):
-    """Per-group slot maps; every index stays inside its group, so a group-sharded batch gathers locally."""
-    G, S, K = decision.position.shape
-    E = decision.num_experts
-    # [G, S, K]: slot e*C + position, or the out-of-range E*C when dropped.
-    token_slot = jnp.where(decision.position >= 0, decision.expert_index * C + decision.position, E * C)
-    choice_id = jnp.arange(S * K, dtype=jnp.int32)
-
-    def invert(slots):  # [S*K] -> [E*C]: the choice held by each slot, S*K where empty
-        return jnp.full((E * C,), S * K, jnp.int32).at[slots].set(choice_id, mode="drop")
-
-    slot_choice = jax.vmap(invert)(token_slot.reshape(G, S * K))  # [G, E*C]
-    slot_token = jnp.where(slot_choice < S * K, slot_choice // K, S)  # [G, E*C]
-    return token_slot, slot_token, slot_choice
 
 
 def _to_expert_major(buffers: jax.Array, E: int) -> jax.Array:
@@ -128,31 +94,28 @@ def _to_group_major(outputs: jax.Array, G: int) -> jax.Array:
 
 def index_dispatch(x: jax.Array, decision) -> tuple[jax.Array, IndexCtx]:
     G, S, D = x.shape
-    C = buffer_capacity(decision, S)
-    E = decision.num_experts
-    if isinstance(decision, TokenChoice):
-        token_slot, slot_token, slot_choice = _token_choice_maps(decision, C)
+    maps = decision.slots(buffer_capacity(decision, S))
+    if maps.token_slot is not None:
         # Per group: [S, D] -> [E*C, D]; the VJP gathers back through token_slot.
-        buffers = jax.vmap(gather_rows)(x, slot_token, token_slot)  # [G, E*C, D]
-        ctx = IndexCtx(token_slot, slot_token, slot_choice, decision.weight, S)
-    else:
-        slot_token = decision.token_index.reshape(G, E * C)  # [G, E, C] -> [G, E*C]; every slot is filled
-        buffers = jnp.take_along_axis(x, slot_token[..., None], axis=1)  # [G, E*C, D]
-        ctx = IndexCtx(None, slot_token, None, decision.weight.reshape(G, E * C), S)
-    return _to_expert_major(buffers, E), ctx
+        buffers = jax.vmap(gather_rows)(x, maps.slot_token, maps.token_slot)  # [G, E*C, D]
+    else:  # expert choice: every slot is filled
+        buffers = jnp.take_along_axis(x, maps.slot_token[..., None], axis=1)  # [G, E*C, D]
+    return _to_expert_major(buffers, decision.num_experts), IndexCtx(maps, S)
 
 
 def index_combine(outputs: jax.Array, ctx: IndexCtx) -> jax.Array:
-    G = ctx.slot_token.shape[0]
+    maps = ctx.maps
+    G = maps.slot_token.shape[0]
     buffers = _to_group_major(outputs, G)  # [G, E*C, D]
     D = buffers.shape[-1]
-    if ctx.token_slot is None:  # expert choice: a token sits in 0..E slots, so scatter-add.
-        weighted = buffers * ctx.weight[..., None].astype(buffers.dtype)  # [G, E*C, D]
-        return jax.vmap(lambda w, t: jnp.zeros((ctx.group_size, D), w.dtype).at[t].add(w))(weighted, ctx.slot_token)
-    _, S, K = ctx.token_slot.shape
-    picked = jax.vmap(gather_rows)(buffers, ctx.token_slot.reshape(G, S * K), ctx.slot_choice[..., None])
+    if maps.token_slot is None:  # expert choice: a token sits in 0..E slots, so scatter-add.
+        weighted = buffers * maps.weight[..., None].astype(buffers.dtype)  # [G, E*C, D]
+        return jax.vmap(lambda w, t: jnp.zeros((ctx.group_size, D), w.dtype).at[t].add(w))(
+            weighted, maps.slot_token)
+    _, S, K = maps.token_slot.shape
+    picked = jax.vmap(gather_rows)(buffers, maps.token_slot.reshape(G, S * K), maps.slot_choice[..., None])
     # [G, S*K, D] -> [G, S, K, D], weighted sum over the K choices -> [G, S, D]
-    return jnp.einsum("gskd,gsk->gsd", picked.reshape(G, S, K, D), ctx.weight.astype(buffers.dtype))
+    return jnp.einsum("gskd,gsk->gsd", picked.reshape(G, S, K, D), maps.weight.astype(buffers.dtype))
 
 
 # ----------------------------------------------------------------------------- dropless
@@ -165,9 +128,9 @@ class DroplessCtx(NamedTuple):
 
 def dropless_dispatch(x: jax.Array, decision) -> tuple[tuple[jax.Array, jax.Array], DroplessCtx]:
     """Returns ((rows [N, D] sorted by expert, group_sizes int32 [E]), ctx), N = G*S*K."""
-    if not isinstance(decision, TokenChoice):
-        raise ValueError("dispatch='dropless' needs token-choice routing (router 'top_k', 'noisy_top_k', "
-                         f"'hierarchical' or 'dense'), got {type(decision).__name__}")
+    if not decision.dropless_ok:
+        raise ValueError(f"dispatch='dropless' needs a token-choice routing decision, "
+                         f"got {type(decision).__name__}")
     G, S, D = x.shape
     E, K = decision.num_experts, decision.position.shape[-1]
     n = G * S * K
@@ -181,8 +144,8 @@ def dropless_dispatch(x: jax.Array, decision) -> tuple[tuple[jax.Array, jax.Arra
     token_row = jnp.where(row_of_choice < num_kept, row_of_choice, n).reshape(G * S, K)
     row_token = jnp.where(choice_id < num_kept, row_choice // K, G * S)  # [N]
     rows = gather_rows(x.reshape(G * S, D), row_token, token_row)  # [N, D]
-    ctx = DroplessCtx(token_row, jnp.where(choice_id < num_kept, row_choice, n), decision.weight.reshape(G * S, K),
-                      (G, S))
+    ctx = DroplessCtx(token_row, jnp.where(choice_id < num_kept, row_choice, n),
+                      decision.weight.reshape(G * S, K), (G, S))
     return (rows, group_sizes), ctx
 
 

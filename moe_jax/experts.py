@@ -51,8 +51,8 @@ class FeedForward(nnx.Module):
     """
 
     def __init__(self, d_model: int, d_ff: int, *, num_experts: int | None = None, activation: str = "relu",
-                 dropout_rate: float = 0.0, init_scale: float = 1.0, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 dropout_rate: float = 0.0, init_scale: float = 1.0, dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         check_activation(activation)
         self.activation, self.dtype, self.num_experts = activation, dtype, num_experts
         lead = () if num_experts is None else (num_experts,)
@@ -71,7 +71,8 @@ class FeedForward(nnx.Module):
         x = x.astype(self.dtype)
         if group_sizes is not None:
             def ragged(a, w):  # [N, D] x [E, D, F] -> [N, F], rows grouped by expert
-                return checkpoint_name(jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes), EXPERT_MATMUL)
+                return checkpoint_name(jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes),
+                                       EXPERT_MATMUL)
             return self._apply(x, ragged)
         if self.num_experts is None:
             # Rows as one [N, D] matrix: with several leading axes XLA:CPU transposes the [B, L, F]

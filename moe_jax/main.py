@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import signal
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +23,10 @@ from ml_collections import config_flags
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_jax import configuration, data
+from moe_jax import accounting, configuration, data, train_loop
 from moe_jax.checkpoints import CheckpointError, Checkpointer
 from moe_jax.metrics import MetricsWriter
+from moe_jax.train_loop import Divergence, writing
 from moe_jax.models import generate
 from moe_jax.trainer import Trainer, summarize_eval
 
@@ -41,42 +40,11 @@ flags.DEFINE_multi_string("prompt", [], "infer: a prompt to continue (repeat the
 flags.DEFINE_integer("max_new_tokens", 32, "infer: tokens to generate per prompt.")
 flags.DEFINE_float("temperature", 0.0, "infer: sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "infer: nucleus sampling mass.")
-flags.DEFINE_bool("multihost", False, "Run on every worker of a multi-host slice: call jax.distributed.initialize() "
-                  "first (on Cloud TPU it finds the coordinator and the other hosts itself).")
+flags.DEFINE_bool("multihost", False, "Run on every worker of a multi-host slice: call "
+                  "jax.distributed.initialize() first (on Cloud TPU it finds the coordinator and the other "
+                  "hosts itself).")
 
 console = Console(stderr=True)
-
-
-class Divergence(RuntimeError):
-    """The loss became NaN or infinite."""
-
-
-class WorkdirError(OSError):
-    """The workdir cannot be written (a full disk, a read-only file system)."""
-
-
-@contextlib.contextmanager
-def _writing(what: str, run: "Run"):
-    """Turn an OSError while writing `what` into a WorkdirError that says what is safe and what to do."""
-    try:
-        yield
-    except OSError as e:
-        raise WorkdirError(f"cannot write {what} ({e.strerror or e}). Free some space or make the workdir "
-                           f"writable, then run again: it resumes from the latest checkpoint (step "
-                           f"{run.checkpointer.latest_step()}), which is intact") from None
-
-
-def first_bad_layer(metrics: dict, moe_every: dict[str, int]) -> str | None:
-    """The first MoE layer (encoder before decoder) whose router statistics are not finite."""
-    for stack, period in moe_every.items():
-        for name in ("z_loss", "router_entropy", "balance_loss"):
-            values = metrics.get(f"{stack}/{name}")
-            if values is None:
-                continue
-            bad = np.flatnonzero(~np.isfinite(np.asarray(values)))
-            if bad.size:
-                return f"{stack} layer {bad[0] * period + period - 1} ({name} = {np.asarray(values)[bad[0]]})"
-    return None
 
 
 class Run:
@@ -114,7 +82,7 @@ class Run:
             out = jax.device_get(eval_fn(state, self.trainer.shard_batch(batch)))
             sums = out if sums is None else jax.tree.map(np.add, sums, out)
             n += 1
-        return {k: np.asarray(v) for k, v in summarize_eval(sums, n).items()}
+        return jax.tree.map(np.asarray, summarize_eval(sums, n))
 
 
 def train(config, workdir: str) -> dict:
@@ -129,6 +97,21 @@ def train(config, workdir: str) -> dict:
         signal.signal(signal.SIGTERM, previous_handler)
 
 
+def _hooks(run: Run, writer, progress, task, summary: dict, eval_fn, train_iter, stop: dict,
+           first: int) -> list:
+    """What runs after each training step, in order (moe_jax.train_loop)."""
+    config, workdir, checkpointer = run.config, run.workdir, run.checkpointer
+    divergence = train_loop.DivergenceCheck(checkpointer, run.moe_every)
+    # token positions per step, both stacks, padding included
+    tokens = config.batch_size * sum(accounting.sequence_lengths(config))
+    return [divergence,
+            train_loop.Logging(writer, workdir, checkpointer, progress, task, summary, tokens, first=first),
+            train_loop.Evaluation(lambda state: run.evaluate(state, eval_fn), writer, workdir, checkpointer,
+                                  summary, console),
+            train_loop.Record(writer, workdir, checkpointer),
+            train_loop.Checkpoint(checkpointer, divergence, run.params_finite, train_iter.get_state, stop)]
+
+
 def _train(config, workdir: str, stop: dict) -> dict:
     run = Run(config, workdir)
     state, data_state, start = run.restore_or_init()
@@ -136,121 +119,45 @@ def _train(config, workdir: str, stop: dict) -> dict:
                                      process_count=jax.process_count())
     if data_state is not None:
         train_iter.set_state(data_state)
-    step_fn = run.trainer.jit_train_step()
-    eval_fn = run.trainer.jit_eval_step()
-    with _writing(f"the metrics to {workdir}", run):
-        writer = MetricsWriter(workdir, enabled=run.is_writer, moe_every=run.moe_every, purge_step=start or None)
+    step_fn, eval_fn = run.trainer.jit_train_step(), run.trainer.jit_eval_step()
+    with writing(f"the metrics to {workdir}", run.checkpointer):
+        writer = MetricsWriter(workdir, enabled=run.is_writer, moe_every=run.moe_every,
+                               purge_step=start or None)
         if run.is_writer:
             _truncate_metrics(writer.path, start)
-    tokens_per_step = 0  # token positions per step, both stacks, padding included; set from the first batch
     summary = {"start_step": start, "final_step": start}
     if start:
         console.print(f"resuming from the checkpoint of step {start} in {run.checkpointer.directory}")
-    window = {"time": time.perf_counter(), "steps": 0}
-    total = {"time": 0.0, "steps": 0}
     try:
-        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeRemainingColumn(), console=console, disable=not run.is_writer) as progress:
+        with Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console,
+                      disable=not run.is_writer) as progress:
             task = progress.add_task("train", total=config.num_train_steps, completed=start, info="")
-            pending = None  # (step, metrics) not yet checked for divergence
-            for step in range(start + 1, config.num_train_steps + 1):
-                if stop["sigterm"] and step == start + 1:
+            hooks = _hooks(run, writer, progress, task, summary, eval_fn, train_iter, stop, first=start + 1)
+            for number in range(start + 1, config.num_train_steps + 1):
+                if stop["sigterm"] and number == start + 1:
                     console.print("SIGTERM before the first step: nothing new to save; exiting")
                     break
                 local = next(train_iter)  # this host's rows of the global batch
-                tokens_per_step = tokens_per_step or jax.process_count() * sum(
-                    np.size(local[k]) for k in ("encoder_input_tokens", "decoder_input_tokens") if k in local)
                 state, metrics = step_fn(state, run.trainer.shard_batch(local))
-                if pending is not None:  # the previous step's loss, read while this step runs
-                    _check_finite(*pending, run)
-                    pending = None
-                if step == start + 1:  # the first step compiles: throughput is timed from its end
-                    jax.block_until_ready(state)
-                    window.update(time=time.perf_counter(), steps=0)
-                else:
-                    window["steps"] += 1
-                record = {}
-                last = step == config.num_train_steps
-                logging_step = step % config.log_every_steps == 0 or last
-                saving = step % config.checkpoint_every_steps == 0 or last
-                if logging_step or saving:
-                    metrics = jax.device_get(metrics)
-                    _check_finite(step, metrics, run)
-                else:
-                    pending = (step, metrics)
-                if logging_step:
-                    elapsed = time.perf_counter() - window["time"]
-                    total["time"] += elapsed
-                    total["steps"] += window["steps"]
-                    tps = tokens_per_step * window["steps"] / max(elapsed, 1e-9) if window["steps"] else 0.0
-                    # seconds: training time since the first (compiling) step, evaluation excluded
-                    with _writing(f"the metrics of step {step} to {workdir}", run):
-                        scalars = writer.write(step, "train", metrics, extra={"tokens_per_sec": tps,
-                                                                              "seconds": total["time"]}, record=record)
-                    progress.update(task, info=f"loss {scalars['train/loss']:.3f} | {tps:,.0f} tok/s")
-                    summary.update({"train/loss": scalars["train/loss"], "tokens_per_sec": tps,
-                                    "dropped_fraction": _mean_dropped(metrics)})
-                    window.update(time=time.perf_counter(), steps=0)
-                if step % config.eval_every_steps == 0 or last:
-                    ev = run.evaluate(state, eval_fn)
-                    with _writing(f"the metrics of step {step} to {workdir}", run):
-                        scalars = writer.write(step, "eval", ev, record=record)
-                    summary["eval/loss"] = scalars["eval/loss"]
-                    console.print(f"step {step}: eval loss {scalars['eval/loss']:.4f}, "
-                                  f"accuracy {scalars['eval/accuracy']:.3f}")
-                # The record first: a checkpoint of a step implies its metrics.jsonl line.
-                with _writing(f"the metrics of step {step} to {workdir}", run):
-                    writer.end_step(step, record)
-                # Read once: a SIGTERM that comes after this is handled after the next step, never
-                # acknowledged without its checkpoint (it may come during the evaluation above).
-                preempted = stop["sigterm"]
-                if saving or preempted:
-                    if pending is not None:  # this step's loss, not read yet
-                        _check_finite(*pending, run)
-                        pending = None
-                    if not run.params_finite(state.params):
-                        _diverged(step, metrics, run, f"the parameters after step {step} are not finite (its loss "
-                                  f"{float(metrics['loss'])} is): the update overflowed")
-                    run.checkpointer.save(step, state, train_iter.get_state(), config)
-                progress.update(task, completed=step)
-                summary["final_step"] = step
-                if preempted:
-                    console.print(f"SIGTERM: saved the checkpoint of step {step}; exiting")
+                step = train_loop.Step(number, state, metrics, config)
+                stopping = [hook.after_step(step) for hook in hooks]
+                progress.update(task, completed=number)
+                summary["final_step"] = number
+                if any(stopping):
+                    console.print(f"SIGTERM: saved the checkpoint of step {number}; exiting")
                     break
         run.checkpointer.wait()
     finally:
         run.checkpointer.close()
-        with contextlib.suppress(OSError):  # each step's records were flushed at that step, or the error raised
+        # each step's records were flushed at that step, or the error raised
+        with contextlib.suppress(OSError):
             writer.close()
-    if total["steps"]:
-        summary["tokens_per_sec_mean"] = tokens_per_step * total["steps"] / total["time"]
+    mean_tps = next(h for h in hooks if isinstance(h, train_loop.Logging)).mean_tokens_per_sec()
+    if mean_tps is not None:
+        summary["tokens_per_sec_mean"] = mean_tps
     summary["preempted"] = stop["sigterm"]
     return summary
-
-
-def _mean_dropped(metrics: dict) -> float:
-    values = [np.mean(v) for k, v in metrics.items() if k.endswith("/dropped_fraction")]
-    return float(np.mean(values)) if values else 0.0
-
-
-def _check_finite(step: int, metrics: dict, run: Run) -> None:
-    """Stop (Divergence) at the first step whose loss or gradient norm is NaN or infinite."""
-    loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-    if not math.isfinite(loss):
-        _diverged(step, metrics, run, f"the loss is {loss} at step {step}")
-    if not math.isfinite(grad_norm):
-        _diverged(step, metrics, run, f"the gradient norm is {grad_norm} at step {step} (loss {loss})")
-
-
-def _diverged(step: int, metrics: dict, run: Run, what: str):
-    run.checkpointer.wait()  # a save in flight completes first, so the message names the checkpoint kept
-    latest = run.checkpointer.latest_step()
-    where = first_bad_layer(jax.device_get(metrics), run.moe_every)
-    kept = (f"The last good checkpoint (step {latest}) is kept in {run.checkpointer.directory}" if latest is not None
-            else "No checkpoint was written yet")
-    raise Divergence(f"{what}; stopping. {kept}. "
-                     + (f"First router statistics to go bad: {where}." if where else
-                        "Every MoE layer's router statistics are still finite."))
 
 
 def _truncate_metrics(path: str, step: int) -> None:
@@ -300,7 +207,8 @@ def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temp
     model = nnx.merge(run.trainer.eval_graphdef, state.params, state.rest)
     tok = run.tokenizer
     # An encoder-decoder trained on span corruption fills the prompt's <extra_id_N> spans.
-    encoded = [tok.encode(p, sentinels=True) + ([tok.eos_id] if run.model_cfg.kind == "encoder_decoder" else [])
+    encoded = [tok.encode(p, sentinels=True)
+               + ([tok.eos_id] if run.model_cfg.kind == "encoder_decoder" else [])
                for p in prompts]
     width = max(len(e) for e in encoded)
     # Decoder-only prompts are left-padded (see moe_jax.models.decoding); encoder inputs right-padded.
@@ -308,8 +216,9 @@ def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temp
     rows = [[0] * (width - len(e)) + e if left else e + [0] * (width - len(e)) for e in encoded]
     valid = [[0] * (width - len(e)) + [1] * len(e) if left else [1] * len(e) + [0] * (width - len(e))
              for e in encoded]
-    out = generate(model, jnp.asarray(rows, jnp.int32), jnp.asarray(valid, bool), max_new_tokens=max_new_tokens,
-                   temperature=temperature, top_p=top_p, rng=jax.random.PRNGKey(config.seed))
+    out = generate(model, jnp.asarray(rows, jnp.int32), jnp.asarray(valid, bool),
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                   rng=jax.random.PRNGKey(config.seed))
     texts = []
     for row in np.asarray(out).tolist():
         if tok.eos_id in row:
@@ -344,10 +253,12 @@ def main(argv):
 
 
 def print_summary(summary: dict) -> None:
-    print(f"done: step {summary['final_step']}" + (" (preempted: SIGTERM)" if summary.get("preempted") else ""))
+    print(f"done: step {summary['final_step']}"
+          + (" (preempted: SIGTERM)" if summary.get("preempted") else ""))
     for key in ("train/loss", "eval/loss", "tokens_per_sec_mean", "dropped_fraction"):
         if key in summary:
-            print(f"  {key:22s} {summary[key]:.4f}" if isinstance(summary[key], float) else f"  {key} {summary[key]}")
+            print(f"  {key:22s} {summary[key]:.4f}" if isinstance(summary[key], float)
+                  else f"  {key} {summary[key]}")
 
 
 def _without_library_tracebacks(record) -> bool:

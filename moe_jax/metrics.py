@@ -2,12 +2,14 @@
 
 metrics.jsonl has one JSON object per logged step: 'step', 'train/loss' and the other training
 scalars, and 'eval/loss' (with eval/neg_log_perplexity, eval/accuracy) when that step was
-evaluated. Routing statistics come per MoE layer: 'moe/<stack>/layer<i>/<statistic>', where i
-is the layer's index in its stack; per-expert loads go to TensorBoard as histograms. Only
-process 0 writes.
+evaluated, and '<train|eval>/routing': one record per MoE layer, {'stack', 'layer' (its index in
+the stack), statistic: value, ...}. TensorBoard shows the same statistics as
+'<train|eval>/moe/<stack>/layer<i>/<statistic>' and per-expert loads as histograms. Only process 0
+writes.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,27 +23,53 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 PER_EXPERT = ("tokens_per_expert", "routed_per_expert")
 
 
-def layer_metrics(metrics: dict[str, Any], moe_every: dict[str, int]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Split '<stack>/<stat>' arrays with a leading [units] axis into per-layer scalars and per-expert arrays."""
-    scalars, per_expert = {}, {}
-    for key, value in metrics.items():
-        stack, _, name = key.partition("/")
-        value = np.asarray(value)
-        if stack not in moe_every or not name:
-            scalars[key] = float(value)
-            continue
+@dataclasses.dataclass(frozen=True)
+class LayerStat:
+    """One routing statistic of one MoE layer."""
+
+    stack: str  # 'encoder' or 'decoder'
+    layer: int  # the layer's index in its stack
+    name: str
+    value: np.ndarray  # [] scalar, [E] per expert or [K] per choice rank
+
+    @property
+    def key(self) -> str:
+        return f"moe/{self.stack}/layer{self.layer}/{self.name}"
+
+
+def layer_stats(routing: dict[str, dict[str, Any]], moe_every: dict[str, int]) -> list[LayerStat]:
+    """{stack: {statistic: [units, ...]}} (the step's 'routing' metrics) -> one record per layer and
+    statistic, by stack, statistic and layer; the MoE layer of unit u is layer u * period + period - 1."""
+    out = []
+    for stack, stats in routing.items():
         period = moe_every[stack]
-        for unit, row in enumerate(value):
-            prefix = f"moe/{stack}/layer{unit * period + period - 1}"
-            if name in PER_EXPERT:
-                per_expert[f"{prefix}/{name}"] = row
-                if name == "tokens_per_expert":  # load after capacity (max_mean_load is before)
-                    scalars[f"{prefix}/max_mean_kept_load"] = float(row.max() / max(row.mean(), 1e-9))
-            elif row.ndim == 0:
-                scalars[f"{prefix}/{name}"] = float(row)
-            else:  # per choice rank
-                scalars.update({f"{prefix}/{name}/{r}": float(v) for r, v in enumerate(row)})
-    return scalars, per_expert
+        for name, value in stats.items():
+            out += [LayerStat(stack, unit * period + period - 1, name, np.asarray(row))
+                    for unit, row in enumerate(np.asarray(value))]
+    return out
+
+
+def routing_rows(stats: list[LayerStat]) -> list[dict]:
+    """metrics.jsonl's per-layer routing records: {'stack', 'layer', statistic: value, ...}; per-expert
+    loads stay in TensorBoard, per-rank fractions become lists."""
+    rows: dict[tuple[str, int], dict] = {}
+    for stat in stats:
+        row = rows.setdefault((stat.stack, stat.layer), {"stack": stat.stack, "layer": stat.layer})
+        if stat.name == "tokens_per_expert":  # load after capacity (max_mean_load is before)
+            row["max_mean_kept_load"] = float(stat.value.max() / max(stat.value.mean(), 1e-9))
+        elif stat.name not in PER_EXPERT:
+            row[stat.name] = float(stat.value) if stat.value.ndim == 0 else stat.value.tolist()
+    return list(rows.values())
+
+
+def layer_metrics(metrics: dict[str, Any], moe_every: dict[str, int]
+                  ) -> tuple[dict[str, float], list[dict], dict[str, np.ndarray]]:
+    """A step's metrics -> (plain scalars, per-layer routing rows, TensorBoard arrays by name)."""
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items() if k != "routing"}
+    stats = layer_stats(metrics.get("routing", {}), moe_every)
+    rows = routing_rows(stats)
+    per_expert = {stat.key: stat.value for stat in stats if stat.name in PER_EXPERT}
+    return scalars, rows, per_expert
 
 
 class _EventFile:
@@ -58,7 +86,8 @@ class _EventFile:
                                            session_log=SessionLog(status=SessionLog.START)))
 
     def add_scalar(self, name: str, value: float, step: int) -> None:
-        self._writer.write_event(Event(step=step, wall_time=time.time(), summary=tb_summary.scalar(name, value)))
+        self._writer.write_event(Event(step=step, wall_time=time.time(),
+                                       summary=tb_summary.scalar(name, value)))
 
     def add_histogram_raw(self, name: str, *, global_step: int, **histogram) -> None:
         self._writer.write_event(Event(step=global_step, wall_time=time.time(),
@@ -71,8 +100,25 @@ class _EventFile:
         self._writer.close()
 
 
+def _row_scalars(prefix: str, rows: list[dict]) -> dict[str, float]:
+    """TensorBoard names of the per-layer routing rows:
+    '<prefix>/moe/<stack>/layer<i>/<statistic>[/<rank>]'."""
+    out = {}
+    for row in rows:
+        base = f"{prefix}/moe/{row['stack']}/layer{row['layer']}"
+        for name, value in row.items():
+            if name in ("stack", "layer"):
+                continue
+            if isinstance(value, list):
+                out.update({f"{base}/{name}/{r}": v for r, v in enumerate(value)})
+            else:
+                out[f"{base}/{name}"] = value
+    return out
+
+
 class MetricsWriter:
-    def __init__(self, workdir: str, *, enabled: bool, moe_every: dict[str, int], purge_step: int | None = None):
+    def __init__(self, workdir: str, *, enabled: bool, moe_every: dict[str, int],
+                 purge_step: int | None = None):
         """purge_step: the step a resumed run restarts from (TensorBoard then shows its records after it)."""
         self.enabled, self.moe_every = enabled, moe_every
         self.path = os.path.join(workdir, "metrics.jsonl")
@@ -83,19 +129,22 @@ class MetricsWriter:
         """Log metrics under prefix ('train' or 'eval'); returns the scalars written.
 
         record: a dict collecting this step's metrics.jsonl object (flushed by end_step)."""
-        scalars, per_expert = layer_metrics(metrics, self.moe_every)
+        scalars, rows, per_expert = layer_metrics(metrics, self.moe_every)
         scalars = {f"{prefix}/{k}": v for k, v in {**scalars, **(extra or {})}.items()}
         if self.enabled:
-            for name, value in scalars.items():
+            for name, value in {**scalars, **_row_scalars(prefix, rows)}.items():
                 self.tb.add_scalar(name, value, step)
             for name, row in per_expert.items():  # x: expert index, count: its tokens
                 experts = np.arange(len(row))
                 self.tb.add_histogram_raw(f"{prefix}/{name}", min=0, max=len(row) - 1, num=float(row.sum()),
-                                          sum=float((experts * row).sum()), sum_squares=float((experts ** 2 * row).sum()),
+                                          sum=float((experts * row).sum()),
+                                          sum_squares=float((experts ** 2 * row).sum()),
                                           bucket_limits=(experts + 0.5).tolist(), bucket_counts=row.tolist(),
                                           global_step=step)
         if record is not None:
             record.update(scalars)
+            if rows:
+                record[f"{prefix}/routing"] = rows
         return scalars
 
     def end_step(self, step: int, record: dict) -> None:

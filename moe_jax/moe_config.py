@@ -3,31 +3,22 @@
 Each routing semantic on which papers differ is a named option here (the papers are cited where
 each is implemented, in moe_jax/routing/); `MoEConfig.from_dict` builds one from an ml_collections
 `config.moe` and refuses unknown fields. An option the chosen router does not read
-(IGNORED_OPTIONS) is refused unless it keeps its default.
+(one of routers.ROUTER_OPTIONS outside the router's `reads`) is refused unless it keeps its
+default; the router kind validates its own options.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
+from moe_jax import routers
+from moe_jax.dispatch import STRATEGIES
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.routing.capacity import CAPACITY_FORMULAS, CAPACITY_ROUNDINGS, FILL_ORDERS
 from moe_jax.routing.token_choice import SECOND_CHOICE_POLICIES
 
-ROUTERS = ("top_k", "expert_choice", "soft", "dense", "hierarchical", "noisy_top_k")
-DISPATCHES = ("auto", "einsum", "index", "dropless")
+DISPATCHES = ("auto",) + STRATEGIES
 ROUTER_DTYPES = ("float32", "bfloat16")
-# Routers that look at the whole group when they decide: never in a causal (decoder) layer.
-GROUP_WIDE_ROUTERS = ("expert_choice", "soft")
-# Options a router does not read: a value other than the default is refused, never ignored.
-_TOKEN_ORDER = ("k", "order", "batch_prioritized", "renormalize")
-IGNORED_OPTIONS = {
-    "expert_choice": _TOKEN_ORDER + ("bias_update_rate",),
-    "soft": _TOKEN_ORDER + ("router_dtype", "router_init_scale", "bias_update_rate"),
-    "noisy_top_k": ("renormalize", "bias_update_rate"),
-    "dense": ("k", "order", "batch_prioritized", "bias_update_rate"),
-    "hierarchical": ("bias_update_rate",),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +31,8 @@ class MoEConfig:
     # Capacity: slots per expert and group; a factor <= 0 means dropless (nothing is dropped).
     train_capacity_factor: float = 1.25
     eval_capacity_factor: float = 2.0
-    capacity_formula: str = "assignments"  # 'assignments': cf*k*S/E (GShard, V-MoE); 'tokens': cf*S/E (Flaxformer)
+    # 'assignments': cf*k*S/E (GShard, V-MoE); 'tokens': cf*S/E (Flaxformer)
+    capacity_formula: str = "assignments"
     capacity_rounding: str = "ceil"
     min_capacity: int = 1  # Flaxformer uses 4
     capacity_multiple_of: int = 1
@@ -51,10 +43,12 @@ class MoEConfig:
     renormalize: bool = False  # divide the k weights by their sum (GShard, Mixtral) or not (Switch, V-MoE)
     second_choice: str = "all"  # 'random': GShard's stochastic second expert (k=2)
     # Router.
-    router_dtype: str = "float32"  # 'bfloat16': Switch Table 2's unstable low-precision router (ablations only)
+    # 'bfloat16': Switch Table 2's unstable low-precision router (ablations only)
+    router_dtype: str = "float32"
     router_init_scale: float = 0.1  # truncated normal, std sqrt(scale / d_model) (Switch Table 3)
     jitter_eps: float = 0.0  # multiply router inputs by U[1-eps, 1+eps] in training (Switch)
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
+    routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V2/V3)
     num_expert_groups: int = 1  # 'hierarchical': E1 groups of num_experts / E1 experts
     k_groups: int = 1  # 'hierarchical': groups chosen per token
     soft_slots_per_expert: int = 1  # 'soft': slots P per expert
@@ -74,8 +68,8 @@ class MoEConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"moe.{field} must be an int >= {low}, got {value!r}")
 
-        choice("router", ROUTERS)
-        self._refuse_ignored_options()
+        kind = routers.get(self.router)
+        self._refuse_ignored_options(kind)
         choice("activation", ACTIVATIONS)
         choice("capacity_formula", CAPACITY_FORMULAS)
         choice("capacity_rounding", CAPACITY_ROUNDINGS)
@@ -88,66 +82,55 @@ class MoEConfig:
                            ("k_groups", 1), ("soft_slots_per_expert", 1), ("num_shared_experts", 0)):
             integer(field, low)
         for field in ("train_capacity_factor", "eval_capacity_factor", "router_init_scale", "jitter_eps",
-                      "bias_update_rate", "expert_dropout"):
+                      "bias_update_rate", "routed_scaling_factor", "expert_dropout"):
             if isinstance(getattr(self, field), bool) or not isinstance(getattr(self, field), (int, float)):
                 raise ValueError(f"moe.{field} must be a number, got {getattr(self, field)!r}")
         if not 0 <= self.expert_dropout < 1 or not 0 <= self.jitter_eps < 1:
             raise ValueError(f"moe.expert_dropout and moe.jitter_eps must be in [0, 1), "
                              f"got {self.expert_dropout}, {self.jitter_eps}")
-        experts_per_choice = self.num_experts // self.num_expert_groups
-        if self.router == "hierarchical":
-            if self.num_experts % self.num_expert_groups:
-                raise ValueError(f"moe.num_experts={self.num_experts} must be divisible by "
-                                 f"moe.num_expert_groups={self.num_expert_groups} for the hierarchical router")
-            if self.k_groups > self.num_expert_groups or self.k > experts_per_choice:
-                raise ValueError(f"hierarchical routing needs moe.k_groups <= num_expert_groups "
-                                 f"({self.num_expert_groups}) and moe.k <= experts per group ({experts_per_choice}); "
-                                 f"got k_groups={self.k_groups}, k={self.k}")
-        elif self.k > self.num_experts:
-            raise ValueError(f"moe.k={self.k} must be <= moe.num_experts={self.num_experts}")
-        if self.second_choice == "random" and (self.router != "top_k" or self.k != 2):
-            raise ValueError("moe.second_choice='random' (GShard) needs moe.router='top_k' and moe.k=2, "
-                             f"got router={self.router!r}, k={self.k}")
-        if self.router == "expert_choice" and min(self.train_capacity_factor, self.eval_capacity_factor) <= 0:
-            raise ValueError("moe.router='expert_choice' needs train and eval capacity factors > 0 "
-                             "(each expert takes capacity tokens); dropless is not defined for it")
-        if self.dispatch == "dropless" and self.router in GROUP_WIDE_ROUTERS:
-            raise ValueError(f"moe.dispatch='dropless' needs token-choice routing, not moe.router={self.router!r}")
+        if self.dispatch != "auto" and self.dispatch not in kind.dispatches:
+            raise ValueError(f"moe.dispatch={self.dispatch!r} does not apply to "
+                             f"moe.router={self.router!r}, which "
+                             + (f"supports {kind.dispatches}" if kind.dispatches
+                                else "mixes the experts itself")
+                             + ": choose one of them or 'auto'")
+        kind.validate(self)
 
-    def _refuse_ignored_options(self) -> None:
+    def _refuse_ignored_options(self, kind: routers.RouterKind) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        for field in IGNORED_OPTIONS.get(self.router, ()):
-            if getattr(self, field) != defaults[field]:
+        for field in routers.ROUTER_OPTIONS:
+            if field not in kind.reads and getattr(self, field) != defaults[field]:
                 raise ValueError(f"moe.{field}={getattr(self, field)!r} does not apply to "
-                                 f"moe.router={self.router!r}, which does not read it: leave it at its default "
-                                 f"{defaults[field]!r}")
+                                 f"moe.router={self.router!r}, which does not read it: leave it at its "
+                                 f"default {defaults[field]!r}")
+
+    @property
+    def kind(self) -> routers.RouterKind:
+        return routers.get(self.router)
 
     @property
     def choices_per_token(self) -> int:
         """K: assignments per token."""
-        if self.router == "hierarchical":
-            return self.k_groups * self.k
-        if self.router == "dense":
-            return self.num_experts
-        return self.k
+        return self.kind.choices_per_token(self)
 
     def drops_tokens(self) -> bool:
-        return self.router not in ("soft", "dense") and (
-            self.train_capacity_factor > 0 or self.eval_capacity_factor > 0)
+        return self.kind.has_capacity and (self.train_capacity_factor > 0 or self.eval_capacity_factor > 0)
 
     def check_causal(self) -> None:
         """Refuse options that let a later token change an earlier token's output."""
-        if self.router in GROUP_WIDE_ROUTERS:
-            raise ValueError(f"moe.router={self.router!r} looks at the whole group when routing, which breaks "
-                             "causality: use it in the encoder only, or choose one of "
-                             f"{tuple(r for r in ROUTERS if r not in GROUP_WIDE_ROUTERS)} in a causal layer")
+        if not self.kind.causal_safe:
+            safe = tuple(name for name in routers.NAMES if routers.get(name).causal_safe)
+            raise ValueError(f"moe.router={self.router!r} looks at the whole group when routing, "
+                             f"which breaks causality: use it in the encoder only, or choose one of "
+                             f"{safe} in a causal layer")
         if self.batch_prioritized:
             raise ValueError("moe.batch_prioritized=True orders tokens by the whole group's router scores, "
                              "which breaks causality: set it to False in a causal layer")
         if self.order == "rank_major" and self.choices_per_token > 1 and self.drops_tokens():
             raise ValueError("moe.order='rank_major' with more than one choice per token and dropping lets a "
-                             "later token's first choice evict an earlier token's second choice, which breaks "
-                             "causality: set moe.order='token_major', or make both capacity factors <= 0 (dropless)")
+                             "later token's first choice evict an earlier token's second choice, which "
+                             "breaks causality: set moe.order='token_major', or make both capacity "
+                             "factors <= 0 (dropless)")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MoEConfig":

@@ -20,7 +20,6 @@ from moe_jax.moe_config import MoEConfig
 from moe_jax.router import Router
 
 
-EXPERT_MAJOR = ("expert", "expert_tokens", "embed")  # logical axes of [E, G*C, D] buffers
 # The expert buffers after the dispatch's all-to-all: remat 'minimal' keeps them, so the backward
 # pass does not repeat that all-to-all to recompute them.
 EXPERT_INPUTS = "expert_inputs"
@@ -33,16 +32,10 @@ class MoEAux:
     stats: dict  # see moe_jax.routing.stats
 
 
-# The fastest dispatch measured per backend, by `python -m moe_jax.bench layer` (benchmarks/README.md).
-# XLA:CPU: 'index'; the einsum costs 2-2.5x more at S = 1024, and 'dropless' runs jax.lax.ragged_dot
-# as a dense product over all experts (E times the work).
-FASTEST_DISPATCH = {"cpu": "index"}
-
-
-def default_dispatch(cfg: MoEConfig) -> str:
-    """The strategy 'auto' stands for: the fastest measured on jax.default_backend(), else 'index'
-    (no [G, S, E, C] masks, O(tokens x K) memory, and it serves every router but soft MoE's own path)."""
-    return FASTEST_DISPATCH.get(jax.default_backend(), "index")
+# 'auto': the fastest dispatch measured (`python -m moe_jax.bench layer`, benchmarks/README.md). On
+# XLA:CPU 'index'; the einsum costs 2-2.5x more at S = 1024, and 'dropless' runs jax.lax.ragged_dot as
+# a dense product over all experts. 'index' needs no [G, S, E, C] masks and takes O(tokens x K) memory.
+AUTO_DISPATCH = "index"
 
 
 class MoELayer(nnx.Module):
@@ -52,8 +45,8 @@ class MoELayer(nnx.Module):
         if causal:
             cfg.check_causal()
         self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
-        self.dispatch = default_dispatch(cfg) if cfg.dispatch == "auto" else cfg.dispatch
         self.router = Router(cfg, d_model, rngs=rngs)
+        self.dispatch = AUTO_DISPATCH if cfg.dispatch == "auto" else cfg.dispatch
         self.experts = FeedForward(d_model, cfg.d_ff, num_experts=cfg.num_experts, activation=cfg.activation,
                                    dropout_rate=cfg.expert_dropout, init_scale=init_scale, dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
@@ -75,12 +68,12 @@ class MoELayer(nnx.Module):
         return batch * length // S, S
 
     def capacity(self, group_size: int) -> int | None:
-        cfg = self.cfg
+        cfg, kind = self.cfg, self.router.kind
         cf = cfg.eval_capacity_factor if self.deterministic else cfg.train_capacity_factor
-        if cfg.router in ("soft", "dense"):
+        if not kind.has_capacity:
             return None
-        k = 1 if cfg.router == "expert_choice" else cfg.choices_per_token
-        return routing.compute_capacity(group_size, cfg.num_experts, k, cf, formula=cfg.capacity_formula,
+        return routing.compute_capacity(group_size, cfg.num_experts, kind.capacity_choices(cfg), cf,
+                                        formula=cfg.capacity_formula,
                                         rounding=cfg.capacity_rounding, min_capacity=cfg.min_capacity,
                                         multiple_of=cfg.capacity_multiple_of)
 
@@ -95,8 +88,8 @@ class MoELayer(nnx.Module):
         groups = sharding.constrain(x.reshape(G, S, D), ("batch", None, "embed"))  # [B, L, D] -> [G, S, D]
         capacity = None if dropless else self.capacity(S)
         decision = self.router(groups, capacity=capacity, train=not self.deterministic)
-        if isinstance(decision, routing.SoftRouting):
-            y = self._soft(groups, decision)
+        if self.router.kind.own_path:
+            y = self.router.kind.mix(groups, decision, self.experts)
         else:
             send, receive = dispatch_lib.get(self.dispatch)
             inputs, ctx = send(groups, decision)
@@ -105,19 +98,11 @@ class MoELayer(nnx.Module):
                 outputs = self.experts(rows, group_sizes)  # [N, D], grouped by expert
             else:
                 # Token-major -> expert-major: with experts sharded, XLA moves tokens by an all-to-all here.
-                inputs = checkpoint_name(sharding.constrain(inputs, EXPERT_MAJOR), EXPERT_INPUTS)  # [E, G*C, D]
-                outputs = sharding.constrain(self.experts(inputs), EXPERT_MAJOR)  # [E, G*C, D]
+                # [E, G*C, D]
+                inputs = checkpoint_name(sharding.constrain(inputs, sharding.EXPERT_MAJOR), EXPERT_INPUTS)
+                outputs = sharding.constrain(self.experts(inputs), sharding.EXPERT_MAJOR)  # [E, G*C, D]
             y = sharding.constrain(receive(outputs, ctx), ("batch", None, "embed"))  # [G, S, D]
         y = y.reshape(B, L, D).astype(self.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
-        balance = getattr(decision, "balance_loss", jnp.zeros((), jnp.float32))
-        return y, MoEAux(balance_loss=balance, z_loss=decision.z_loss, stats=routing.routing_stats(decision))
-
-    def _soft(self, groups: jax.Array, decision: routing.SoftRouting) -> jax.Array:
-        G, S, E, P = decision.dispatch.shape
-        D = groups.shape[-1]
-        slots = jnp.einsum("gsd,gsep->egpd", groups, decision.dispatch.astype(groups.dtype))  # [E, G, P, D]
-        slots = sharding.constrain(slots.reshape(E, G * P, D), EXPERT_MAJOR)  # [E, G*P, D]
-        outputs = sharding.constrain(self.experts(slots), EXPERT_MAJOR).reshape(E, G, P, D)
-        return jnp.einsum("egpd,gsep->gsd", outputs, decision.combine.astype(outputs.dtype))  # [G, S, D]
+        return y, MoEAux(balance_loss=decision.balance_loss, z_loss=decision.z_loss, stats=decision.stats())

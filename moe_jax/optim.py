@@ -24,9 +24,11 @@ ADAFACTOR_MIN_DIM_TO_FACTOR = 32
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
     peak, warmup, total = config.learning_rate, max(config.warmup_steps, 1), config.num_train_steps
     if config.schedule == "constant":
-        return optax.linear_schedule(0.0, peak, warmup) if config.warmup_steps else optax.constant_schedule(peak)
+        return (optax.linear_schedule(0.0, peak, warmup) if config.warmup_steps
+                else optax.constant_schedule(peak))
     if config.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1), end_value=0.1 * peak)
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total, warmup + 1),
+                                                  end_value=0.1 * peak)
 
     def rsqrt(step):
         step = jnp.asarray(step, jnp.float32) + 1.0

@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "expert", "model")
+EXPERT_MAJOR = ("expert", "expert_tokens", "embed")  # logical axes of [E, G*C, D] expert buffers
 DEFAULT_RULES = (
     ("batch", ("data", "expert")),  # the batch, and routing groups [G, ...]
     ("expert", "expert"),  # experts: weights [E, D, F] and expert-major buffers [E, G*C, D]
@@ -37,7 +38,8 @@ DEFAULT_RULES = (
     ("length", None),
 )
 
-_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar("moe_jax_sharding", default=None)
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
+    "moe_jax_sharding", default=None)
 
 
 class ShardingError(ValueError):
@@ -49,18 +51,21 @@ def make_mesh(mesh_shape: Sequence[int], devices: Sequence[Any] | None = None) -
     devices = list(jax.devices() if devices is None else devices)
     shape = list(mesh_shape)
     if len(shape) != len(MESH_AXES):
-        raise ShardingError(f"config.mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {tuple(shape)}")
+        raise ShardingError(f"config.mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, "
+                            f"got {tuple(shape)}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ShardingError(f"config.mesh_shape entries must be >= 1, with at most one -1; got {tuple(shape)}")
+        raise ShardingError(f"config.mesh_shape entries must be >= 1, with at most one -1; "
+                            f"got {tuple(shape)}")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
-            raise ShardingError(f"config.mesh_shape={tuple(mesh_shape)}: {len(devices)} devices are not divisible "
-                                f"by {known}")
+            raise ShardingError(f"config.mesh_shape={tuple(mesh_shape)}: {len(devices)} devices "
+                                f"are not divisible by {known}")
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
         raise ShardingError(f"config.mesh_shape={tuple(mesh_shape)} needs {math.prod(shape)} devices, but "
-                            f"{len(devices)} are available: make the product equal the device count, or use -1")
+                            f"{len(devices)} are available: make the product equal the device count, "
+                            "or use -1")
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
@@ -68,7 +73,8 @@ def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
     out = {}
     for rule in rules:
         if len(rule) != 2:
-            raise ShardingError(f"config.logical_axis_rules entries are (logical name, mesh axes) pairs, got {rule!r}")
+            raise ShardingError(f"config.logical_axis_rules entries are (logical name, mesh axes) pairs, "
+                                f"got {rule!r}")
         name, axes = rule
         for axis in (axes if isinstance(axes, (tuple, list)) else (axes,)):
             if axis is not None and axis not in MESH_AXES:
@@ -96,7 +102,8 @@ def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: 
             raise ShardingError(f"unknown logical axis {name!r}: add it to config.logical_axis_rules "
                                 f"(known: {sorted(rules)})")
         axes = rules[name]
-        axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,)) if a is not None and a not in used)
+        axes = tuple(a for a in (axes if isinstance(axes, tuple) else (axes,))
+                     if a is not None and a not in used)
         ways = math.prod(mesh.shape[a] for a in axes)
         if ways > 1 and size % ways:
             if name in strict:

@@ -46,16 +46,11 @@ def model_inputs(kind: str, batch: dict) -> tuple[tuple, dict]:
         decoder_segment_ids=dec["segment_ids"], decoder_positions=dec["positions"])
 
 
-def routing_metrics(moe_aux: dict[str, MoEAux | None]) -> dict[str, jax.Array]:
-    """Per stack: each statistic with a leading [units] axis, plus the per-layer losses."""
-    out = {}
-    for stack, aux in moe_aux.items():
-        if aux is None:
-            continue
-        out[f"{stack}/balance_loss"] = aux.balance_loss
-        out[f"{stack}/z_loss"] = aux.z_loss
-        out.update({f"{stack}/{name}": value for name, value in aux.stats.items()})
-    return out
+def routing_metrics(moe_aux: dict[str, MoEAux | None]) -> dict[str, dict]:
+    """{'routing': {stack: {statistic: [units, ...]}}}: each stack's statistics and per-layer losses,
+    with a leading [units] axis (moe_jax.metrics.layer_stats turns them into per-layer records)."""
+    return {"routing": {stack: {"balance_loss": aux.balance_loss, "z_loss": aux.z_loss, **aux.stats}
+                        for stack, aux in moe_aux.items() if aux is not None}}
 
 
 class Trainer:
@@ -85,15 +80,18 @@ class Trainer:
         per_step = self.config.batch_size // self.config.grad_accum_steps
         if per_step % shards:
             raise sharding.ShardingError(
-                f"config.batch_size={self.config.batch_size} (per micro-batch {per_step}) must be divisible by the "
-                f"{shards} batch shards of config.mesh_shape={tuple(self.mesh.shape.values())}")
+                f"config.batch_size={self.config.batch_size} (per micro-batch {per_step}) must be divisible "
+                f"by the {shards} batch shards of config.mesh_shape={tuple(self.mesh.shape.values())}")
 
     def _state_sharding(self) -> TrainState:
         abstract = self.abstract_state()
-        params = sharding.tree_shardings(abstract.params, self.param_logical_axes, self.mesh, self.rules)
+        params = sharding.tree_shardings(abstract.params, self.param_logical_axes, self.mesh,
+                                         self.rules)
         replicate = NamedSharding(self.mesh, PartitionSpec())
-        return TrainState(step=replicate, params=params, rest=jax.tree.map(lambda _: replicate, abstract.rest),
-                          opt_state=sharding.matching_shardings(abstract.opt_state, abstract.params, params, self.mesh))
+        return TrainState(step=replicate, params=params,
+                          rest=jax.tree.map(lambda _: replicate, abstract.rest),
+                          opt_state=sharding.matching_shardings(abstract.opt_state, abstract.params, params,
+                                                                self.mesh))
 
     def _under_mesh(self, fn):
         def traced(*args):
@@ -106,7 +104,8 @@ class Trainer:
         return jax.jit(self._under_mesh(lambda: self.init_state(seed)), out_shardings=self.state_sharding)()
 
     def jit_train_step(self):
-        return jax.jit(self._under_mesh(self.train_step), in_shardings=(self.state_sharding, self.batch_sharding),
+        return jax.jit(self._under_mesh(self.train_step),
+                       in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=(self.state_sharding, self.replicated), donate_argnums=0)
 
     def jit_loss_and_grads(self):
@@ -117,11 +116,13 @@ class Trainer:
             (loss, _), grads = jax.value_and_grad(self._micro_loss, has_aux=True)(
                 state.params, state.rest, batch, total_weight)
             return loss, grads
-        return jax.jit(self._under_mesh(loss_and_grads), in_shardings=(self.state_sharding, self.batch_sharding),
+        return jax.jit(self._under_mesh(loss_and_grads),
+                       in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=(self.replicated, self.state_sharding.params))
 
     def jit_eval_step(self):
-        return jax.jit(self._under_mesh(self.eval_step), in_shardings=(self.state_sharding, self.batch_sharding),
+        return jax.jit(self._under_mesh(self.eval_step),
+                       in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=self.replicated)
 
     def shard_batch(self, local_batch: dict) -> dict:
@@ -141,7 +142,8 @@ class Trainer:
         """A fresh state; call under jax.jit (with out_shardings) to create it in place."""
         _, params, rest = nnx.split(self._build(seed), nnx.Param, ...)
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest, opt_state=self.tx.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, rest=rest,
+                          opt_state=self.tx.init(params))
 
     def abstract_state(self) -> TrainState:
         return jax.eval_shape(lambda: self.init_state(0))
@@ -180,7 +182,8 @@ class Trainer:
 
         zero_grads = jax.tree.map(jnp.zeros_like, state.params)
         first = jax.tree.map(lambda x: x[0], micro)
-        metric_shapes = jax.eval_shape(lambda: self._micro_loss(state.params, state.rest, first, total_weight))[1][0]
+        metric_shapes = jax.eval_shape(
+            lambda: self._micro_loss(state.params, state.rest, first, total_weight))[1][0]
         zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
         (grads, metrics, rest), _ = jax.lax.scan(accumulate, (zero_grads, zero_metrics, state.rest), micro)
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
@@ -200,9 +203,10 @@ class Trainer:
         logits, aux, _ = self._forward(self.eval_graphdef, state.params, state.rest, batch)
         targets, weights = batch["decoder_target_tokens"], batch["decoder_loss_weights"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        return {"ce_sum": jnp.sum(ce * weights), "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * weights),
-                "target_tokens": jnp.sum(weights), "balance_loss": aux["balance_loss"], "z_loss": aux["z_loss"],
-                **routing_metrics(aux["moe"])}
+        return {"ce_sum": jnp.sum(ce * weights),
+                "correct": jnp.sum((jnp.argmax(logits, -1) == targets) * weights),
+                "target_tokens": jnp.sum(weights), "balance_loss": aux["balance_loss"],
+                "z_loss": aux["z_loss"], **routing_metrics(aux["moe"])}
 
 
 def summarize_eval(sums: dict, num_batches: int) -> dict:
@@ -210,5 +214,6 @@ def summarize_eval(sums: dict, num_batches: int) -> dict:
     tokens = max(float(sums["target_tokens"]), 1.0)
     out = {"loss": sums["ce_sum"] / tokens, "accuracy": sums["correct"] / tokens}
     out["neg_log_perplexity"] = -out["loss"]
-    out.update({k: v / num_batches for k, v in sums.items() if k not in ("ce_sum", "correct", "target_tokens")})
+    out.update({k: jax.tree.map(lambda v: v / num_batches, v) for k, v in sums.items()
+                if k not in ("ce_sum", "correct", "target_tokens")})
     return out

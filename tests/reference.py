@@ -51,7 +51,8 @@ def ffn(x, wi, wo, activation):
     return h @ wo
 
 
-def token_choice_decisions(probs: np.ndarray, k: int, capacity, *, order="rank_major", batch_prioritized=False):
+def token_choice_decisions(probs: np.ndarray, k: int, capacity, *, order="rank_major",
+                           batch_prioritized=False):
     """probs [G, S, E] -> (expert_index [G, S, K], kept [G, S, K]) by loops."""
     G, S, E = probs.shape
     expert_index = np.zeros((G, S, k), np.int64)
@@ -62,6 +63,33 @@ def token_choice_decisions(probs: np.ndarray, k: int, capacity, *, order="rank_m
         rank = bpr_rank(probs[g].max(-1)) if batch_prioritized else None
         kept[g] = fill_slots(expert_index[g], capacity, E, order=order, token_rank=rank) >= 0
     return expert_index, kept
+
+
+def tokens_choose_loops(logits: np.ndarray, k: int, capacity, *, order="rank_major", batch_prioritized=False,
+                        renormalize=False, choice_bias=None, second_uniform=None, weight_scale=1.0):
+    """Every option of token-choice top-k, one token at a time in float64: logits [G, S, E] ->
+    (expert_index, position, weight), each [G, S, K]. second_uniform [G, S]: GShard's U[0, 1) draws."""
+    G, S, E = logits.shape
+    z = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    probs = z / z.sum(-1, keepdims=True)
+    bias = np.zeros(E) if choice_bias is None else np.asarray(choice_bias, np.float64)
+    index = np.zeros((G, S, k), np.int64)
+    weight = np.zeros((G, S, k))
+    position = np.zeros((G, S, k), np.int64)
+    for g in range(G):
+        dispatched, top1 = np.zeros((S, k), np.int64), np.zeros(S)
+        for s in range(S):
+            scores = probs[g, s] + bias
+            index[g, s] = sorted(range(E), key=lambda e: (-scores[e], e))[:k]
+            w = probs[g, s, index[g, s]]
+            weight[g, s] = (w / w.sum() if renormalize else w) * weight_scale
+            dispatched[s] = index[g, s]
+            if second_uniform is not None and not 2 * w[1] / (w[0] + w[1]) > second_uniform[g, s]:
+                dispatched[s, 1] = E  # the second choice is not dispatched
+            top1[s] = scores[index[g, s, 0]]
+        rank = bpr_rank(top1) if batch_prioritized else None
+        position[g] = fill_slots(dispatched, capacity, E, order=order, token_rank=rank)
+    return index, position, np.where(position >= 0, weight, 0.0)
 
 
 def _router_probs(params, xg, cfg):
@@ -95,7 +123,8 @@ def decide(params: dict, x: jax.Array, cfg, capacity) -> dict:
                                     for g in range(G)])}
     if cfg.router == "hierarchical":
         E2 = E // cfg.num_expert_groups
-        expert_index = np.array([[[h * E2 + i for h in np.argsort(-p_outer[g, s], kind="stable")[: cfg.k_groups]
+        expert_index = np.array([[[h * E2 + i
+                                   for h in np.argsort(-p_outer[g, s], kind="stable")[: cfg.k_groups]
                                    for i in np.argsort(-p_inner[g, s, h], kind="stable")[: cfg.k]]
                                   for s in range(S)] for g in range(G)])
         kept = np.stack([fill_slots(expert_index[g], capacity, E, order=cfg.order) >= 0 for g in range(G)])

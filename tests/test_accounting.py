@@ -11,7 +11,7 @@ import optax
 import pytest
 from flax import nnx
 
-from moe_jax import MoEConfig, accounting, configuration, optim
+from moe_jax import MoEConfig, accounting, accounting_report, configuration, optim
 from moe_jax.models import ModelConfig, build_model
 
 ROOT = __file__.rsplit("/tests/", 1)[0]
@@ -33,7 +33,8 @@ def small(**overrides) -> ModelConfig:
 
 def test_hand_computed_small_config():
     """Encoder-decoder, D=16, V=100, H=4 query / 2 key-value heads of 8, dense FFN 32, 2+2 layers with
-    the second of each stack an MoE layer of 4 ReLU experts of width 24, top-1; 12 input and 5 target tokens."""
+    the second of each stack an MoE layer of 4 ReLU experts of width 24, top-1; 12 input and 5 target
+    tokens."""
     acc = accounting.account(small(), inputs_length=12, targets_length=5)
     attention_block = 16 * 4 * 8 + 16 * 2 * 8 + 16 * 2 * 8 + 4 * 8 * 16  # q, k, v, out = 1536
     expert = 2 * 16 * 24  # wi, wo = 768
@@ -97,14 +98,16 @@ def test_adafactor_state_size_by_hand():
 MODEL_CASES = {
     "switch_tiny (encoder-decoder, untied, relu)": lambda: configuration.model_config(load("switch_tiny.py")),
     "t5_base:tiny (dense, tied)": lambda: configuration.model_config(load("t5_base.py:tiny")),
-    "mixtral:tiny (decoder, GQA, swiglu, rope)": lambda: configuration.model_config(load("mixtral_8x7b.py:tiny")),
+    "mixtral:tiny (decoder, GQA, swiglu, rope)": lambda: configuration.model_config(
+        load("mixtral_8x7b.py:tiny")),
     "deepseek_moe:tiny (shared experts)": lambda: configuration.model_config(load("deepseek_moe.py:tiny")),
     "expert_choice (encoder only)": lambda: configuration.model_config(load("expert_choice.py")),
     "ST-MoE extra dense FFN, geglu, unscanned": lambda: small(moe_extra_dense_ffn=True, activation="geglu",
                                                              scan_layers=False, num_encoder_layers=4),
     "hierarchical router": lambda: small(moe=dict(router="hierarchical", num_expert_groups=2, k=1)),
     "noisy top-k router": lambda: small(moe=dict(router="noisy_top_k")),
-    "soft MoE (encoder only)": lambda: small(decoder_moe_every=0, moe=dict(router="soft", soft_slots_per_expert=2)),
+    "soft MoE (encoder only)": lambda: small(decoder_moe_every=0,
+                                             moe=dict(router="soft", soft_slots_per_expert=2)),
     "dense mixture, gelu experts": lambda: small(moe=dict(router="dense", activation="gelu")),
     "decoder, relative bias, tied, bias balancing": lambda: small(
         kind="decoder", tie_embeddings=True, num_decoder_layers=4, moe=dict(bias_update_rate=1e-3)),
@@ -129,7 +132,8 @@ def test_full_size_formula_equals_built_model():
 def test_check_names_what_differs(monkeypatch):
     cfg = small()
     groups = accounting.parameter_groups(cfg)
-    monkeypatch.setattr(accounting, "parameter_groups", lambda c: [g for g in groups if g.category != "router"])
+    monkeypatch.setattr(accounting, "parameter_groups",
+                        lambda c: [g for g in groups if g.category != "router"])
     with pytest.raises(accounting.AccountingError, match="only in the model.*router"):
         accounting.check_against_model(cfg)
 
@@ -146,7 +150,8 @@ def test_optimizer_state_equals_optax(name):
         leaves = jax.tree.leaves(jax.eval_shape(optimizer.init, params))
         return sum(x.size * x.dtype.itemsize for x in leaves if x.dtype == jnp.float32)
 
-    assert acc.adafactor_state_bytes == state_bytes(optax.adafactor(1e-2, min_dim_size_to_factor=optim.ADAFACTOR_MIN_DIM_TO_FACTOR))
+    assert acc.adafactor_state_bytes == state_bytes(
+        optax.adafactor(1e-2, min_dim_size_to_factor=optim.ADAFACTOR_MIN_DIM_TO_FACTOR))
     assert acc.adamw_state_bytes == state_bytes(optax.adamw(1e-3))
     assert acc.adafactor_state_bytes < acc.param_bytes / 4  # the wide matrices are factored
 
@@ -216,7 +221,8 @@ def test_training_flops_are_three_forward(name):
 
 def test_dense_twin_costs_the_same_up_to_the_router():
     """Top-1 over experts as wide as the dense FFN: the same FLOPs per token plus the router's D x E."""
-    sparse, dense = accounting.account_config(load("switch_tiny.py")), accounting.account_config(load("dense_tiny.py"))
+    sparse, dense = (accounting.account_config(load("switch_tiny.py")),
+                     accounting.account_config(load("dense_tiny.py")))
     assert (sparse.inputs_length, sparse.targets_length) == (dense.inputs_length, dense.targets_length)
     router = sparse.forward_flops_per_example("router")
     D, E = 128, 8
@@ -232,7 +238,8 @@ def test_active_experts_per_router():
     def expert_share(**moe):
         cfg = small(decoder_moe_every=0, moe=moe)
         acc = accounting.account(cfg, S, 8)
-        return acc.active_params["experts"] / (cfg.moe.d_ff * cfg.d_model * 2)  # experts' worth, one MoE layer
+        # experts' worth, one MoE layer
+        return acc.active_params["experts"] / (cfg.moe.d_ff * cfg.d_model * 2)
 
     assert expert_share(k=2) == 2
     assert expert_share(router="hierarchical", num_expert_groups=2, k_groups=2, k=1) == 2
@@ -255,15 +262,16 @@ def test_sequence_lengths():
 
 
 def test_cli_prints_the_total(capsys):
-    acc = accounting.main(["accounting", f"--config={ROOT}/configs/switch_tiny.py"])
+    acc = accounting_report.main(["accounting", f"--config={ROOT}/configs/switch_tiny.py"])
     out = capsys.readouterr().out
     assert f"{acc.total_params:,}" in out and "4.85 M" in out
-    bigger = accounting.main(["accounting", f"--config={ROOT}/configs/switch_tiny.py", "--config.moe.num_experts=16"])
+    bigger = accounting_report.main(["accounting", f"--config={ROOT}/configs/switch_tiny.py",
+                              "--config.moe.num_experts=16"])
     assert bigger.params["experts"] == 2 * acc.params["experts"]
     with pytest.raises(accounting.AccountingError, match="--config"):
-        accounting.main(["accounting"])
+        accounting_report.main(["accounting"])
     with pytest.raises(configuration.ConfigError, match="does not exist"):
-        accounting.main(["accounting", f"--config={ROOT}/configs/nope.py"])
+        accounting_report.main(["accounting", f"--config={ROOT}/configs/nope.py"])
 
 
 def test_cli_as_a_module():

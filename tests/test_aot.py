@@ -31,7 +31,8 @@ def test_accelerator_types_map_to_topologies():
 
 
 def needs_libtpu():
-    pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`); it is the TPU compiler")
+    pytest.importorskip("libtpu",
+                        reason="libtpu is not installed (`pip install -e .[tpu]`); it is the TPU compiler")
 
 
 def test_switch_base_compiles_and_fits_on_v5e_8():
@@ -51,7 +52,8 @@ def test_switch_base_compiles_and_fits_on_v5e_8():
 
 def test_a_step_that_cannot_fit_exits_1_before_compiling():
     needs_libtpu()
-    r = run_aot("--config=configs/switch_base.py", "--topology=v5e-1")  # 29.7 GB of parameters, one 16 GiB chip
+    # 29.7 GB of parameters, one 16 GiB chip
+    r = run_aot("--config=configs/switch_base.py", "--topology=v5e-1")
     assert r.returncode == 1
     assert "parameters and optimizer state alone exceed a device's HBM" in r.stdout
     assert "error: the step does not fit: shard more (config.mesh_shape)" in r.stderr

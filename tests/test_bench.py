@@ -27,8 +27,8 @@ def test_layer_benchmark_reports_each_point():
     assert len(records) == 2 * 2 * 2  # activations x k x dispatches
     for r in records:
         assert "skipped" not in r, r
-        for field in ("dispatch", "num_experts", "k", "capacity_factor", "group_size", "tokens", "d_model", "d_ff",
-                      "gated", "ms", "dense_ms", "temp_bytes"):
+        for field in ("dispatch", "num_experts", "k", "capacity_factor", "group_size", "tokens", "d_model",
+                      "d_ff", "gated", "ms", "dense_ms", "temp_bytes"):
             assert field in r, field
         assert r["ms"] > 0 and r["dense_ms"] > 0 and r["temp_bytes"] > 0
         assert r["tokens"] == 512 and r["num_experts"] == 4 and r["group_size"] == 128
@@ -39,18 +39,19 @@ def test_layer_benchmark_reports_each_point():
 
 def test_layer_benchmark_skips_points_over_the_time_limit():
     (record,) = run_bench("layer", "--tokens=512", "--seq_len=64", "--d_model=16", "--d_ff=32", "--experts=4",
-                          "--k=1", "--capacity_factor=1.0", "--group_size=128", "--dispatch=index", "--reps=2",
-                          "--max_seconds=0")
+                          "--k=1", "--capacity_factor=1.0", "--group_size=128", "--dispatch=index",
+                          "--reps=2", "--max_seconds=0")
     assert record["skipped"].startswith("estimated")
     assert "ms" not in record
 
 
 def test_train_benchmark_times_a_config_against_a_baseline():
     first, second, ratio = run_bench("train", "--config=configs/switch_tiny.py", *TINY_MODEL,
-                                     "--baseline=configs/dense_tiny.py", *[f.replace("--config.", "--baseline.")
-                                                                          for f in TINY_MODEL], "--steps=2",
-                                     "--compile_reps=1")
-    assert first["config"].startswith("configs/switch_tiny.py") and second["config"].startswith("configs/dense_tiny")
+                                     "--baseline=configs/dense_tiny.py",
+                                     *[f.replace("--config.", "--baseline.") for f in TINY_MODEL],
+                                     "--steps=2", "--compile_reps=1")
+    assert (first["config"].startswith("configs/switch_tiny.py")
+            and second["config"].startswith("configs/dense_tiny"))
     for r in (first, second):
         assert r["tokens_per_step"] == 4 * (16 + 8)
         for field in ("compile_s", "step_ms", "tokens_per_s", "params", "temp_bytes"):
@@ -60,7 +61,8 @@ def test_train_benchmark_times_a_config_against_a_baseline():
 
 
 def test_train_benchmark_compile_only():
-    (record,) = run_bench("train", "--config=configs/switch_tiny.py", *TINY_MODEL, "--compile_only", "--compile_reps=2")
+    (record,) = run_bench("train", "--config=configs/switch_tiny.py", *TINY_MODEL, "--compile_only",
+                          "--compile_reps=2")
     assert record["compile_s"] > 0 and record["lower_s"] > 0
     assert record["compile_reps"] == 2 and len(record["compile_s_rounds"]) == 2  # two fresh rounds
     assert min(record["compile_s_rounds"]) <= record["compile_s"] <= max(record["compile_s_rounds"])

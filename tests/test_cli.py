@@ -49,7 +49,8 @@ def trained(setup):
     workdir = setup.root / "trained"
     job = cli.run(setup.args(workdir), setup.env, setup.logs, "trained")
     # The diverging run compiles programs of its own: it runs meanwhile, alongside the next tests.
-    setup.diverged = setup.start("diverged", setup.root / "diverged", learning_rate=1e12, checkpoint_every_steps=1)
+    setup.diverged = setup.start("diverged", setup.root / "diverged", learning_rate=1e12,
+                                 checkpoint_every_steps=1)
     yield job, workdir
     setup.diverged.kill()
 
@@ -71,7 +72,10 @@ def test_training_writes_checkpoints_metrics_events_and_a_summary(trained):
     records = cli.metrics(workdir)
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # one line per logged step
     for r in records:
-        assert np.isfinite(r["train/loss"]) and np.isfinite(r["train/moe/encoder/layer1/router_entropy"])
+        assert np.isfinite(r["train/loss"])
+        # one routing record per MoE layer, carrying its stack and layer index
+        assert [(row["stack"], row["layer"]) for row in r["train/routing"]] == [("encoder", 1), ("decoder", 1)]
+        assert all(np.isfinite(row["router_entropy"]) for row in r["train/routing"])
         assert ("eval/loss" in r) == (r["step"] % 3 == 0), r["step"]  # evaluated at steps 3 and 6
     assert records[-1]["train/loss"] < records[0]["train/loss"]
     summary_eval = float(re.search(r"^  eval/loss +(\S+)$", job.stdout, re.M).group(1))
@@ -129,21 +133,26 @@ def test_bad_command_lines_are_one_line_errors(setup, trained):
     before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in other.rglob("*")}
     cases = {  # name: (arguments, expected error)
         "missing_config": (setup.args(other, config="configs/no_such_experiment.py"),
-                           r"config file 'configs/no_such_experiment.py' does not exist.*configs/switch_tiny.py"),
+                           r"config file 'configs/no_such_experiment.py' does not exist"
+                           r".*configs/switch_tiny.py"),
         "unknown_override": (setup.args(other, "--config.moe.num_expertz=4"),
-                             r"unknown config field config\.moe\.num_expertz \(did you mean config\.moe\.num_experts"),
+                             r"unknown config field config\.moe\.num_expertz "
+                             r"\(did you mean config\.moe\.num_experts"),
         "mistyped_value": (setup.args(other, "--config.batch_size=four"), r"--config\.batch_size=four"),
         "dataset_not_found": (setup.args(setup.root / "unused", **{"data.dataset": "nonexistent_ds"}),
-                              r"data\.dataset='nonexistent_ds': no such TFDS dataset .* tfds build nonexistent_ds"),
+                              r"data\.dataset='nonexistent_ds': no such TFDS dataset "
+                              r".* tfds build nonexistent_ds"),
         "incompatible_checkpoint": (setup.args(other, **{"moe.num_experts": 4}),
                                     r"different config; refusing to resume or overwrite it"),
     }
-    jobs = {name: cli.Job(args, setup.env, setup.logs, name) for name, (args, _) in cases.items()}  # concurrently
+    # concurrently
+    jobs = {name: cli.Job(args, setup.env, setup.logs, name) for name, (args, _) in cases.items()}
     for name, job in jobs.items():
         job.wait(300)
         assert_clean_error(job, cases[name][1])
     assert "moe.num_experts: 8 -> 4" in jobs["incompatible_checkpoint"].stderr  # the differences are listed
-    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in other.rglob("*")} == before  # nothing touched
+    # nothing touched
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in other.rglob("*")} == before
     assert not (setup.root / "unused").exists()
 
 

@@ -24,7 +24,8 @@ MAX_FILES, PIECES = 30, 1000
 def make_config(data_dir, **changes):
     """base config on the small corpus; `changes` maps dotted field names to values."""
     config = base.get_config()
-    config.data.data_dir, config.data.corpus_max_files, config.data.spm_vocab_size = str(data_dir), MAX_FILES, PIECES
+    config.data.data_dir, config.data.corpus_max_files, config.data.spm_vocab_size = (
+        str(data_dir), MAX_FILES, PIECES)
     config.batch_size, config.seq_len, config.num_eval_steps = 4, 64, 3
     for name, value in changes.items():
         *parents, leaf = name.split(".")
@@ -118,7 +119,8 @@ def test_corrupted_tokenizer_file_names_the_file(tmp_path, tok, damage):
 def test_tokenizer_with_other_special_ids_is_refused(tmp_path):
     lines = [f"line {i} of a tiny corpus" for i in range(300)]
     model = io.BytesIO()  # SentencePiece's defaults (LLaMA's too): unk 0, bos 1, eos 2, no pad
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=40, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=40,
+                                   minloglevel=2)
     (tmp_path / "llama_like.model").write_bytes(model.getvalue())
     with pytest.raises(ValueError, match=r"llama_like\.model has pad id -1 and eos id 2; .* pad=0, eos=1"):
         tokenizer.load(str(tmp_path / "llama_like.model"), 100)
@@ -178,7 +180,8 @@ def test_lm_batches(data_dir, tok):
         assert b["decoder_target_tokens"].dtype == np.int32 and b["decoder_loss_weights"].dtype == np.float32
         check_packed_rows(b["decoder_target_tokens"], b["decoder_segment_ids"], b["decoder_positions"])
         np.testing.assert_array_equal(b["decoder_loss_weights"], b["decoder_segment_ids"] > 0)
-        inputs, targets, positions = b["decoder_input_tokens"], b["decoder_target_tokens"], b["decoder_positions"]
+        inputs, targets, positions = (b["decoder_input_tokens"], b["decoder_target_tokens"],
+                                      b["decoder_positions"])
         assert (inputs[positions == 0] == 0).all()  # 0 at each segment start
         following = (positions[:, 1:] > 0)
         np.testing.assert_array_equal(inputs[:, 1:][following], targets[:, :-1][following])
@@ -252,8 +255,8 @@ def test_eval_batches_are_fixed(data_dir, tok):
 # ---------------------------------------------------------------- TFDS datasets by name (mocked)
 
 def mock_lm1b_config(data_dir, tok, **changes):
-    return lm_config(data_dir, **{"data.dataset": "lm1b", "data.eval_split": "test", "data.tokenizer": tok.path,
-                                  "seq_len": 32, **changes})
+    return lm_config(data_dir, **{"data.dataset": "lm1b", "data.eval_split": "test",
+                                  "data.tokenizer": tok.path, "seq_len": 32, **changes})
 
 
 def rows(batch):
@@ -263,16 +266,18 @@ def rows(batch):
 
 def test_two_hosts_split_the_one_host_stream(data_dir, tok):
     with tfds.testing.mock_data(num_examples=64):  # short random sentences: one example each
-        one = data.train_iterator(mock_lm1b_config(data_dir, tok, batch_size=8, **{"data.packing": False}), tok)
-        two = [data.train_iterator(mock_lm1b_config(data_dir, tok, batch_size=8, **{"data.packing": False}), tok,
-                                   process_index=h, process_count=2) for h in (0, 1)]
+        one = data.train_iterator(mock_lm1b_config(data_dir, tok, batch_size=8, **{"data.packing": False}),
+                                  tok)
+        two = [data.train_iterator(mock_lm1b_config(data_dir, tok, batch_size=8, **{"data.packing": False}),
+                                   tok, process_index=h, process_count=2) for h in (0, 1)]
         for _ in range(10):  # more than one epoch: each host's share of every epoch
             host_rows = [rows(next(it)) for it in two]
             assert len(host_rows[0]) == len(host_rows[1]) == 4
             assert not set(host_rows[0]) & set(host_rows[1])
             assert sorted(host_rows[0] + host_rows[1]) == sorted(rows(next(one)))
         # packed: still disjoint documents on the two hosts
-        packed = [data.train_iterator(mock_lm1b_config(data_dir, tok, batch_size=8), tok, h, 2) for h in (0, 1)]
+        packed = [data.train_iterator(mock_lm1b_config(data_dir, tok, batch_size=8), tok, h, 2)
+                  for h in (0, 1)]
         segments = [set(), set()]
         for h, it in enumerate(packed):
             for b in take(it, 3):
@@ -282,7 +287,8 @@ def test_two_hosts_split_the_one_host_stream(data_dir, tok):
 
 
 def test_mock_tfds_span_corruption_and_eval(data_dir, tok):
-    config = make_config(data_dir, **{"data.dataset": "lm1b", "data.eval_split": "test", "data.tokenizer": tok.path})
+    config = make_config(data_dir, **{"data.dataset": "lm1b", "data.eval_split": "test",
+                                      "data.tokenizer": tok.path})
     with tfds.testing.mock_data(num_examples=20):
         b = next(data.train_iterator(config, tok))
         assert b["encoder_input_tokens"].shape == (4, 64)
@@ -308,7 +314,8 @@ def test_wrong_split_and_text_key_are_named(data_dir, tok):
 
 
 def test_a_config_missing_a_data_field_is_refused_naming_it():
-    config = configuration.load(str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "switch_tiny.py"))
+    config = configuration.load(
+        str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "switch_tiny.py"))
     del config.data["noise_density"]
     with pytest.raises(configuration.ConfigError, match="config.data has no field 'noise_density'"):
         configuration.validate(config)

@@ -100,7 +100,8 @@ def test_every_chunk_up_to_the_raw_length_fits(inputs_length):
 
 def test_span_corruption_examples_cover_the_document():
     tokens = np.random.default_rng(0).integers(3, 1000, size=1300).astype(np.int32)
-    examples = obj.span_corruption_examples(tokens, 568, DENSITY, MEAN, FIRST_SENTINEL, np.random.default_rng(0))
+    examples = obj.span_corruption_examples(tokens, 568, DENSITY, MEAN, FIRST_SENTINEL,
+                                            np.random.default_rng(0))
     assert len(examples) == 3
     rebuilt = []
     for ex in examples:
@@ -121,7 +122,8 @@ def test_decoder_features_shift_inside_segments():
     targets = np.array([[5, 6, 7, 8, 9, 0], [4, 1, 0, 0, 0, 0]], np.int32)  # [B, L]
     segments = np.array([[1, 1, 2, 2, 2, 0], [1, 1, 0, 0, 0, 0]], np.int32)
     positions = np.array([[0, 1, 0, 1, 2, 0], [0, 1, 0, 0, 0, 0]], np.int32)
-    f = obj.decoder_features({"targets": targets, "targets_segment_ids": segments, "targets_positions": positions})
+    f = obj.decoder_features({"targets": targets, "targets_segment_ids": segments,
+                              "targets_positions": positions})
     np.testing.assert_array_equal(f["decoder_input_tokens"], [[0, 5, 0, 7, 8, 0], [0, 4, 0, 0, 0, 0]])
     np.testing.assert_array_equal(f["decoder_loss_weights"], segments > 0)
     assert f["decoder_loss_weights"].dtype == np.float32

@@ -34,20 +34,22 @@ def test_every_run_of_an_experiment_is_a_valid_config(experiment):
 
 
 def test_collect_reads_curves_and_final_figures(tmp_path):
+    enc, dec = {"stack": "encoder", "layer": 1}, {"stack": "decoder", "layer": 1}
     lines = [{"step": 10, "train/loss": 5.0, "train/seconds": 0.0, "train/tokens_per_sec": 0.0,
-              "train/moe/encoder/layer1/dropped_fraction": 0.2, "train/moe/decoder/layer1/dropped_fraction": 0.4,
-              "train/moe/encoder/layer1/max_mean_load": 1.5},
+              "train/routing": [{**enc, "dropped_fraction": 0.2, "max_mean_load": 1.5},
+                                {**dec, "dropped_fraction": 0.4}]},
              {"step": 20, "train/loss": 4.0, "train/seconds": 19.0, "train/tokens_per_sec": 100.0,
-              "train/moe/encoder/layer1/dropped_fraction": 0.1, "train/moe/decoder/layer1/dropped_fraction": 0.3,
-              "train/moe/encoder/layer1/max_mean_load": 1.25,
-              "eval/loss": 3.5, "eval/accuracy": 0.25, "eval/moe/encoder/layer1/dropped_fraction": 0.05}]
+              "train/routing": [{**enc, "dropped_fraction": 0.1, "max_mean_load": 1.25},
+                                {**dec, "dropped_fraction": 0.3}],
+              "eval/loss": 3.5, "eval/accuracy": 0.25, "eval/routing": [{**enc, "dropped_fraction": 0.05}]}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     run = runner.Run("r", "switch_tiny.py", {"batch_size": 8})
     r = runner.collect(run, tmp_path, {"num_train_steps": 20}, "", 30.0)
     assert r["eval"] == [[20, 3.5, 0.25]] and r["final_eval_loss"] == 3.5
     assert r["examples_per_sec"] == pytest.approx(8 * 19 / 19.0)
     assert r["tokens_per_sec"] == 100.0
-    assert r["dropped_fraction"] == pytest.approx(0.2)  # last quarter of logs = the last record: (0.1 + 0.3) / 2
+    # last quarter of logs = the last record: (0.1 + 0.3) / 2
+    assert r["dropped_fraction"] == pytest.approx(0.2)
     assert r["max_mean_load"] == pytest.approx(1.25) and r["eval_dropped_fraction"] == pytest.approx(0.05)
 
 

@@ -89,7 +89,8 @@ def test_statistics():
     assert s["routed_per_expert"].sum() == 2 * 8 * 2
     np.testing.assert_allclose(s["dropped_fraction_per_rank"], 1 - kept.mean((0, 1)), rtol=1e-6)
     assert s["dropped_fraction_per_rank"][0] <= s["dropped_fraction_per_rank"][1]  # first choices outrank
-    np.testing.assert_allclose(s["max_mean_load"], s["routed_per_expert"].max() / s["routed_per_expert"].mean())
+    np.testing.assert_allclose(s["max_mean_load"],
+                               s["routed_per_expert"].max() / s["routed_per_expert"].mean())
     assert 0 < s["router_entropy"] <= np.log(4) + 1e-6
 
 
@@ -136,12 +137,13 @@ def test_index_dispatch_never_builds_a_dispatch_mask():
     G, S, E, C = 2, 64, 16, 8
     sizes = {}
     for strategy in ("einsum", "index", "dropless"):
-        layer = MoELayer(MoEConfig(num_experts=E, d_ff=8, k=2, train_capacity_factor=1.0, dispatch=strategy), 8,
-                         rngs=nnx.Rngs(0))
+        layer = MoELayer(MoEConfig(num_experts=E, d_ff=8, k=2, train_capacity_factor=1.0, dispatch=strategy),
+                         8, rngs=nnx.Rngs(0))
         assert layer.capacity(S) == C
         x = jax.random.normal(jax.random.PRNGKey(0), (G, S, 8))
         graphdef, state = nnx.split(layer)
-        jaxpr = jax.make_jaxpr(jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0]), argnums=1))(state, x)
+        jaxpr = jax.make_jaxpr(jax.grad(lambda s, x: jnp.sum(nnx.merge(graphdef, s)(x)[0]), argnums=1))(
+            state, x)
         sizes[strategy] = max(int(np.prod(v.aval.shape)) for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars)
     assert sizes["einsum"] >= G * S * E * C
     assert sizes["index"] < G * S * E * C // 4 and sizes["dropless"] < G * S * E * C // 4

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import MoEConfig, MoELayer
+from moe_jax import MoEConfig, MoELayer, routers
 from tests import reference
 
 B, L, D, F, E = 2, 8, 8, 16, 4
@@ -18,25 +18,27 @@ CASES = {
                                     renormalize=True, activation="gelu"),
     "top2_bpr": dict(router="top_k", k=2, train_capacity_factor=0.75, batch_prioritized=True),
     "top2_dropless": dict(router="top_k", k=2, train_capacity_factor=0.0),
-    "top1_tokens_formula_groups": dict(router="top_k", k=1, train_capacity_factor=1.0, capacity_formula="tokens",
-                                       capacity_rounding="round", group_size=4),
+    "top1_tokens_formula_groups": dict(router="top_k", k=1, train_capacity_factor=1.0,
+                                       capacity_formula="tokens", capacity_rounding="round", group_size=4),
     "shared_experts": dict(router="top_k", k=2, train_capacity_factor=1.0, num_shared_experts=1,
                            activation="geglu", order="token_major"),
     "expert_choice": dict(router="expert_choice", train_capacity_factor=1.0),
     "soft": dict(router="soft", soft_slots_per_expert=2),
     "dense": dict(router="dense"),
-    "hierarchical": dict(router="hierarchical", num_expert_groups=2, k_groups=2, k=1, train_capacity_factor=0.75),
+    "hierarchical": dict(router="hierarchical", num_expert_groups=2, k_groups=2, k=1,
+                         train_capacity_factor=0.75),
     "noisy_top_k_eval": dict(router="noisy_top_k", k=2, train_capacity_factor=1.0, eval_capacity_factor=0.75),
 }
 DROPPING = ("switch_top1_drops", "top2_rank_major", "top2_token_major_renorm", "top2_bpr",
             "top1_tokens_formula_groups", "hierarchical", "noisy_top_k_eval", "shared_experts")
-PARAMS = [(name, d) for name, opts in CASES.items() for d in ("einsum", "index", "dropless")
-          if not (d == "dropless" and opts["router"] in ("expert_choice", "soft"))
-          and not (opts["router"] == "soft" and d == "index")]  # soft MoE has its own (einsum) path
+# Every dispatch strategy the router supports; a router with its own path (soft MoE) runs it under 'auto'.
+PARAMS = [(name, d) for name, opts in CASES.items()
+          for d in (routers.get(opts["router"]).dispatches or ("auto",))]
 
 
 def reference_params(layer: MoELayer) -> dict:
-    p = {"kernel": layer.router.kernel[...], "wi": [w[...] for w in layer.experts.wi], "wo": layer.experts.wo[...]}
+    p = {"kernel": layer.router.kernel[...], "wi": [w[...] for w in layer.experts.wi],
+         "wo": layer.experts.wo[...]}
     if hasattr(layer.router, "group_kernel"):
         p["group_kernel"] = layer.router.group_kernel[...]
     if hasattr(layer.router, "scale"):
@@ -50,7 +52,8 @@ def reference_params(layer: MoELayer) -> dict:
 def reference_forward(p, x, cfg, decision):
     y = reference.apply(p, x, cfg, decision)
     if "shared_wi" in p:
-        y = y + reference.ffn(x.reshape(-1, D), p["shared_wi"], p["shared_wo"], cfg.activation).reshape(x.shape)
+        y = y + reference.ffn(x.reshape(-1, D), p["shared_wi"], p["shared_wo"],
+                              cfg.activation).reshape(x.shape)
     return y
 
 
@@ -85,7 +88,8 @@ def test_layer_equals_reference(name, strategy):
 
     # One compilation each for the layer's and the reference's forward and gradients.
     (_, (y, aux)), (g_state, g_x) = jax.jit(jax.value_and_grad(layer_loss, (0, 1), has_aux=True))(state, x)
-    (_, y_ref), (g_ref, g_x_ref) = jax.jit(jax.value_and_grad(reference_loss, (0, 1), has_aux=True))(params, x)
+    (_, y_ref), (g_ref, g_x_ref) = jax.jit(jax.value_and_grad(reference_loss, (0, 1), has_aux=True))(
+        params, x)
 
     np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
     if "kept" in decision:

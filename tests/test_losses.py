@@ -68,7 +68,8 @@ def test_noisy_top_k_losses():
     np.testing.assert_allclose(jnp.sum(train.weight, -1), 1.0, rtol=1e-6)
     # The smooth load is differentiable in the noise and in the clean logits.
     def balance(clean, noise):
-        return routing.noisy_tokens_choose(clean, noise, k=2, capacity=None, rng=jax.random.PRNGKey(1)).balance_loss
+        return routing.noisy_tokens_choose(clean, noise, k=2, capacity=None,
+                                           rng=jax.random.PRNGKey(1)).balance_loss
     g_clean, g_noise = jax.grad(balance, argnums=(0, 1))(clean, noise)
     assert float(jnp.abs(g_clean).sum()) > 0 and float(jnp.abs(g_noise).sum()) > 0
     # Without rng there is no noise: the decision is plain renormalized top-k of the clean logits.

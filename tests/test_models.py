@@ -81,7 +81,8 @@ def test_cached_decoding_equals_full_recomputation(opts):
     np.testing.assert_allclose(logits, full[:, :P], rtol=1e-4, atol=1e-4)
     for t in range(P, L):
         key_valid = key_valid.at[:, t].set(True)
-        logits, cache = jit_decode(model, seq[:, t:t + 1], cache, index=jnp.int32(t), key_valid=key_valid, **extra)
+        logits, cache = jit_decode(model, seq[:, t:t + 1], cache, index=jnp.int32(t), key_valid=key_valid,
+                                   **extra)
         np.testing.assert_allclose(logits[:, 0], full[:, t], rtol=1e-4, atol=1e-4)
 
 
@@ -153,7 +154,8 @@ def test_rank_major_order_would_break_causality():
     before = jnp.log(jnp.array([[[0.7, 0.3], [0.2, 0.8]]]))  # token 1 prefers e1
     after = jnp.log(jnp.array([[[0.7, 0.3], [0.8, 0.2]]]))  # token 1 now prefers e0
     for order, changes in (("rank_major", True), ("token_major", False)):
-        p0 = [routing.tokens_choose(lg, k=2, capacity=1, order=order).position[0, 0] for lg in (before, after)]
+        p0 = [routing.tokens_choose(lg, k=2, capacity=1, order=order).position[0, 0]
+              for lg in (before, after)]
         assert (not np.array_equal(p0[0], p0[1])) == changes, order
 
 

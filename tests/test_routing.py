@@ -79,7 +79,8 @@ def test_earlier_ranks_outrank_later_ones(problem):
 def test_batch_prioritized_keeps_the_most_confident_tokens(problem):
     logits, _, capacity, _, _ = problem
     d = routing.tokens_choose(jnp.asarray(logits), k=1, capacity=capacity, batch_prioritized=True)
-    expert, pos, probs = np.asarray(d.expert_index[..., 0]), np.asarray(d.position[..., 0]), np.asarray(d.probs)
+    expert, pos, probs = (np.asarray(d.expert_index[..., 0]), np.asarray(d.position[..., 0]),
+                          np.asarray(d.probs))
     top1 = probs.max(-1)
     for g in range(logits.shape[0]):
         for e in np.unique(expert[g]):
@@ -104,7 +105,47 @@ def test_expert_choice_takes_each_experts_top_tokens(problem):
         for e in range(E):
             assert len(set(token[g, e])) == capacity
             np.testing.assert_allclose(weight[g, e], probs[g, token[g, e], e], rtol=1e-6)
-            np.testing.assert_allclose(np.sort(weight[g, e]), np.sort(probs[g, :, e])[S - capacity :], rtol=1e-6)
+            np.testing.assert_allclose(np.sort(weight[g, e]), np.sort(probs[g, :, e])[S - capacity :],
+                                       rtol=1e-6)
+
+
+@st.composite
+def token_choice_options(draw):
+    logits, k, capacity, order, bpr = draw(routing_problems())
+    E = logits.shape[-1]
+    opts = dict(k=k, capacity=capacity, order=order, batch_prioritized=bpr, renormalize=draw(st.booleans()),
+                weight_scale=draw(st.sampled_from([1.0, 2.5])))
+    if draw(st.booleans()):
+        opts["choice_bias"] = (np.random.default_rng(draw(st.integers(0, 99))).normal(size=E)
+                               .astype(np.float32) * 0.3)
+    if k == 2 and draw(st.booleans()):
+        opts["second_choice"] = "random"
+    return logits, opts
+
+
+@settings(max_examples=20, deadline=None)  # each example compiles anew
+@given(token_choice_options())
+def test_tokens_choose_equals_the_loop_reference_for_every_option(problem):
+    """The one fused top-k (routing.tokens_choose), the path every top_k router takes, equals a walk
+    of the definition: choice bias, GShard's random second choice, BPR, fill order, renormalization,
+    weight scale, and the balancing and z losses."""
+    logits, opts = problem
+    rng = jax.random.PRNGKey(7) if opts.get("second_choice") == "random" else None
+    d = routing.tokens_choose(jnp.asarray(logits), rng=rng, **opts)
+    uniform = None if rng is None else np.asarray(jax.random.uniform(rng, logits.shape[:2]))
+    ref_opts = {k: v for k, v in opts.items() if k not in ("k", "capacity", "second_choice")}
+    index, position, weight = reference.tokens_choose_loops(logits, opts["k"], opts["capacity"],
+                                                            second_uniform=uniform, **ref_opts)
+    np.testing.assert_array_equal(d.expert_index, index)
+    np.testing.assert_array_equal(d.position, position)
+    np.testing.assert_allclose(d.weight, weight, rtol=1e-5, atol=1e-7)
+    G, S, E = logits.shape
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    f = np.stack([[np.sum(index[g] == e) / S for e in range(E)] for g in range(G)])  # [G, E]
+    np.testing.assert_allclose(d.balance_loss, np.mean(E * np.sum(f * probs.mean(1), -1)), rtol=1e-5)
+    lse = np.log(np.sum(np.exp(logits.astype(np.float64)), -1))
+    np.testing.assert_allclose(d.z_loss, np.mean(lse ** 2), rtol=1e-5)
 
 
 def test_renormalize_makes_the_k_weights_sum_to_one():

@@ -31,11 +31,14 @@ def synthetic_batch(config, seed=0):
     Lt = config.target_seq_len if config.model.kind == "encoder_decoder" else config.seq_len  # an LM: seq_len
     weights = np.ones((B, Lt), np.float32)
     weights[:, -2:] = 0  # some padding in the targets
-    batch = dict(decoder_input_tokens=rng.integers(1, V, (B, Lt)), decoder_target_tokens=rng.integers(1, V, (B, Lt)),
-                 decoder_segment_ids=np.ones((B, Lt), np.int32), decoder_positions=np.tile(np.arange(Lt), (B, 1)),
+    batch = dict(decoder_input_tokens=rng.integers(1, V, (B, Lt)),
+                 decoder_target_tokens=rng.integers(1, V, (B, Lt)),
+                 decoder_segment_ids=np.ones((B, Lt), np.int32),
+                 decoder_positions=np.tile(np.arange(Lt), (B, 1)),
                  decoder_loss_weights=weights)
     if config.model.kind == "encoder_decoder":
-        batch.update(encoder_input_tokens=rng.integers(1, V, (B, Li)), encoder_segment_ids=np.ones((B, Li), np.int32),
+        batch.update(encoder_input_tokens=rng.integers(1, V, (B, Li)),
+                     encoder_segment_ids=np.ones((B, Li), np.int32),
                      encoder_positions=np.tile(np.arange(Li), (B, 1)))
     return batch
 
@@ -60,7 +63,7 @@ def test_training_reduces_the_loss(trained):
     assert losses[-1] < 0.5 * losses[0]
     assert int(state.step) == 12
     assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["learning_rate"]) > 0
-    assert metrics["encoder/dropped_fraction"].shape == (1,)  # one MoE layer per stack
+    assert metrics["routing"]["encoder"]["dropped_fraction"].shape == (1,)  # one MoE layer per stack
     # loss = cross-entropy + 1e-2 x balance + 1e-3 x z
     np.testing.assert_allclose(metrics["loss"], metrics["ce"] + 1e-2 * metrics["balance_loss"]
                                + 1e-3 * metrics["z_loss"], rtol=1e-5)
@@ -72,7 +75,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     # Dropless routing: a micro-batch then routes exactly as the whole batch does.
     for c in (config, config2):
         c.moe.train_capacity_factor = 0.0
-    one, two = Trainer(config, configuration.validate(config)), Trainer(config2, configuration.validate(config2))
+    one, two = (Trainer(config, configuration.validate(config)),
+                Trainer(config2, configuration.validate(config2)))
     state = jax.jit(one.init_state, static_argnums=0)(0)
     batch = synthetic_batch(config)
     s1, m1 = jax.jit(one.train_step)(state, batch)
@@ -90,13 +94,14 @@ def test_evaluation_metrics(trained):
     assert float(out["target_tokens"]) == batch["decoder_loss_weights"].sum()
     np.testing.assert_allclose(summary["neg_log_perplexity"], -summary["loss"])
     assert 0 <= float(summary["accuracy"]) <= 1
-    assert summary["decoder/tokens_per_expert"].shape == (1, 8)
+    assert summary["routing"]["decoder"]["tokens_per_expert"].shape == (1, 8)
 
 
 def test_schedules():
     config = small_config(warmup_steps=10, learning_rate=1.0, num_train_steps=100)
     rsqrt = optim.learning_rate_schedule(config)
-    np.testing.assert_allclose([rsqrt(0), rsqrt(9), rsqrt(39)], [0.1, 1.0, 0.5], rtol=1e-6)  # sqrt(10 / 40) = 0.5
+    # sqrt(10 / 40) = 0.5
+    np.testing.assert_allclose([rsqrt(0), rsqrt(9), rsqrt(39)], [0.1, 1.0, 0.5], rtol=1e-6)
     config.schedule = "cosine"
     cosine = optim.learning_rate_schedule(config)
     np.testing.assert_allclose([cosine(10), cosine(100)], [1.0, 0.1], rtol=1e-5)

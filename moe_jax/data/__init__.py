@@ -1,7 +1,8 @@
 """Data for moe_jax: corpus, tokenizer, objectives and the checkpointable grain pipeline.
 
     tok = data.get_tokenizer(config)
-    train_it = data.train_iterator(config, tok, process_index, process_count)  # next(), get_state(), set_state()
+    train_it = data.train_iterator(config, tok, process_index,
+                                   process_count)  # next(), get_state(), set_state()
     eval_batches = data.eval_batches(config, tok, process_index, process_count)  # num_eval_steps batches
 
 | module | owns |

@@ -32,7 +32,8 @@ PIECE_CHARS = 2000
 # Parts of the stdlib tree left out: third-party packages, the test suites (19.4 MB of mostly
 # repetitive assertions) and generated files: the codecs' character tables, pydoc's 0.76 MB copy
 # of the reference manual (one string literal) and the build's _sysconfigdata (differs per machine).
-EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data", "__pycache__"})
+EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data",
+                           "__pycache__"})
 EXCLUDED_FILE_PREFIXES = ("_sysconfigdata",)
 PYTHON_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
 

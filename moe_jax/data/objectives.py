@@ -75,7 +75,8 @@ def random_spans_noise_mask(length: int, noise_density: float, mean_noise_span_l
     return (span_index % 2 == 1)[:orig_length]
 
 
-def span_corrupt(tokens: np.ndarray, noise_mask: np.ndarray, first_sentinel: int) -> tuple[np.ndarray, np.ndarray]:
+def span_corrupt(tokens: np.ndarray, noise_mask: np.ndarray,
+                 first_sentinel: int) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, targets) without eos; the k-th noise span gets sentinel `first_sentinel - k` (T5)."""
     def replace_spans(mask: np.ndarray) -> np.ndarray:
         # [N] -> [N - tokens after each span's first]: each masked span becomes one sentinel

@@ -61,8 +61,8 @@ def plan(config, process_count: int = 1) -> Plan:
     _int("process_count", process_count, 1)
     batch_size = _int("batch_size", config.batch_size, 1)
     if batch_size % process_count:
-        raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts ({process_count}): "
-                         "each host loads batch_size // process_count rows")
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts "
+                         f"({process_count}): each host loads batch_size // process_count rows")
     seq_len = _int("seq_len", config.seq_len, 2)
     if d.objective == "lm":
         if config.target_seq_len:
@@ -78,11 +78,12 @@ def plan(config, process_count: int = 1) -> Plan:
     needed = objectives.t5_targets_length(seq_len, *noise)
     targets_len = _int("target_seq_len", config.target_seq_len, 0) or needed
     if targets_len < needed:
-        raise ValueError(f"target_seq_len={targets_len} is too short for seq_len={seq_len} at data.noise_density="
-                         f"{d.noise_density}: span corruption needs >= {needed} (0 derives it)")
+        raise ValueError(f"target_seq_len={targets_len} is too short for seq_len={seq_len} at "
+                         f"data.noise_density={d.noise_density}: span corruption needs >= {needed} "
+                         "(0 derives it)")
     raw_len = objectives.raw_length(seq_len, targets_len, *noise)
     max_spans = max(objectives.noise_counts(n, *noise)[1] for n in range(1, raw_len + 1))
     if max_spans > d.extra_ids:
-        raise ValueError(f"data.extra_ids={d.extra_ids} is too few: span corruption of seq_len={seq_len} uses up "
-                         f"to {max_spans} sentinels")
+        raise ValueError(f"data.extra_ids={d.extra_ids} is too few: span corruption of seq_len={seq_len} "
+                         f"uses up to {max_spans} sentinels")
     return Plan("span_corruption", seq_len, targets_len, raw_len, batch_size // process_count)

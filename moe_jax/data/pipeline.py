@@ -38,7 +38,8 @@ def get_tokenizer(config) -> tokenizer.Tokenizer:
         tok = tokenizer.load(d.tokenizer, d.extra_ids)
     else:
         data_dir = sources.resolve_data_dir(d.data_dir)
-        path = tokenizer.cache_path(data_dir, sources.dataset_tag(d.dataset, d.corpus_max_files), d.spm_vocab_size)
+        path = tokenizer.cache_path(data_dir, sources.dataset_tag(d.dataset, d.corpus_max_files),
+                                    d.spm_vocab_size)
         if not epath.Path(path).exists():
             source = sources.open_split(d.dataset, d.train_split, d.data_dir, d.text_key,
                                         split_field="data.train_split", max_files=d.corpus_max_files)
@@ -134,7 +135,8 @@ class EvalBatches:
         return itertools.islice(iter(self._dataset), self._num_steps)
 
 
-def eval_batches(config, tok: tokenizer.Tokenizer, process_index: int = 0, process_count: int = 1) -> EvalBatches:
+def eval_batches(config, tok: tokenizer.Tokenizer, process_index: int = 0,
+                 process_count: int = 1) -> EvalBatches:
     """The first `num_eval_steps` batches of the eval split (in order, repeated if it is short)."""
     dataset = _dataset(config, tok, train=False, process_index=process_index, process_count=process_count)
     return EvalBatches(dataset, config.num_eval_steps)

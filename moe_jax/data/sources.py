@@ -20,7 +20,8 @@ from moe_jax.data import corpus
 DEFAULT = "default"
 # What TFDS and array_record raise on prepared files that are truncated, garbled or missing
 # (KeyError: TFDS's split table, read from a missing dataset_info.json, is empty).
-DAMAGE_ERRORS = (RuntimeError, OSError, UnicodeDecodeError, json.JSONDecodeError, json_format.ParseError, KeyError)
+DAMAGE_ERRORS = (RuntimeError, OSError, UnicodeDecodeError, json.JSONDecodeError, json_format.ParseError,
+                 KeyError)
 
 
 def resolve_data_dir(data_dir: str) -> str:
@@ -69,8 +70,9 @@ def damaged_message(dataset: str, split: str, data_dir: str, max_files: int, rea
     else:
         folder = f"{data_dir}/{dataset.partition(':')[0]}"
         fix = f"delete that folder and prepare it again with `{_build_command(dataset, data_dir)}`"
-    return (f"data.dataset={dataset!r} (split {split!r}) in data.data_dir={data_dir!r} cannot be read ({reason}). "
-            f"If its prepared files under {folder} are truncated or corrupted, {fix}.")
+    return (f"data.dataset={dataset!r} (split {split!r}) in data.data_dir={data_dir!r} "
+            f"cannot be read ({reason}). If its prepared files under {folder} "
+            f"are truncated or corrupted, {fix}.")
 
 
 class _CheckedSource(Sequence):
@@ -106,7 +108,8 @@ def _open_split(dataset: str, split: str, data_dir: str, text_key: str, split_fi
     try:
         return builder.as_data_source(split=split)
     except NotImplementedError:
-        state = "is prepared there in another file format" if builder.is_prepared() else "is not prepared there"
+        state = ("is prepared there in another file format" if builder.is_prepared()
+                 else "is not prepared there")
         raise ValueError(f"data.dataset={dataset!r} {state} (data.data_dir={data_dir!r}). {how}") from None
     except ValueError as e:
         if "split" not in str(e).lower():

@@ -78,7 +78,8 @@ class Tokenizer:
         return self.vocab_size - 1 - index
 
     def __getstate__(self):  # grain worker processes receive the tokenizer pickled
-        return {"model_proto": self._sp.serialized_model_proto(), "extra_ids": self.extra_ids, "path": self.path}
+        return {"model_proto": self._sp.serialized_model_proto(), "extra_ids": self.extra_ids,
+                "path": self.path}
 
     def __setstate__(self, state):
         self.__init__(state["model_proto"], state["extra_ids"], state["path"])
@@ -92,7 +93,8 @@ def _load_processor(model_proto: bytes, path: str) -> spm.SentencePieceProcessor
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ValueError(f"data.tokenizer: {path} is not a valid SentencePiece .model file (truncated or "
                          f"corrupted? SentencePiece says: {reason}). Point data.tokenizer at a good file or, "
-                         f"if it is the vocabulary cached by an earlier run, delete it to train it again.") from None
+                         f"if it is the vocabulary cached by an earlier run, "
+                         f"delete it to train it again.") from None
     pad, eos = processor.pad_id(), processor.eos_id()
     if (pad, eos) != (PAD_ID, EOS_ID):
         raise ValueError(f"data.tokenizer: {path} has pad id {pad} and eos id {eos}; moe_jax needs "

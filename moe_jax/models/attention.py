@@ -37,16 +37,19 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
         self.dtype = cfg.activation_dtype
         s = cfg.init_scale
-        proj_in = nnx.initializers.variance_scaling(s, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2))
-        proj_out = nnx.initializers.variance_scaling(s, "fan_in", "truncated_normal", in_axis=(0, 1), out_axis=2)
+        proj_in = nnx.initializers.variance_scaling(s, "fan_in", "truncated_normal", in_axis=0,
+                                                    out_axis=(1, 2))
+        proj_out = nnx.initializers.variance_scaling(s, "fan_in", "truncated_normal", in_axis=(0, 1),
+                                                     out_axis=2)
         self.query = nnx.Param(proj_in(rngs.params(), (D, H, Dh)), out_sharding=("embed", "heads", "kv"))
         self.key = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))
         self.value = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))
         self.out = nnx.Param(proj_out(rngs.params(), (H, Dh, D)), out_sharding=("heads", "kv", "embed"))
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array,
-                 bias: jax.Array | None = None, q_pos: jax.Array | None = None, k_pos: jax.Array | None = None,
-                 cache: dict | None = None, cache_index: jax.Array | None = None):
+                 bias: jax.Array | None = None, q_pos: jax.Array | None = None,
+                 k_pos: jax.Array | None = None, cache: dict | None = None,
+                 cache_index: jax.Array | None = None):
         """x [B, Lq, D]; context [B, Lk, D] for cross-attention (None: self-attention).
 
         mask bool [B, 1, Lq, Lk]; bias float [B, H, Lq, Lk]; q_pos [B, Lq], k_pos [B, Lk] for RoPE.
@@ -65,8 +68,10 @@ class Attention(nnx.Module):
             k = apply_rope(k, q_pos, self.rope_theta)  # self-attention: keys sit at the queries' positions
         if cache is not None:
             # [B, M, KVH, Dh] <- [B, Lq, KVH, Dh] at positions cache_index ... cache_index + Lq - 1
-            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
+            k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index,
+                                                    axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index,
+                                                    axis=1)
             cache = {"k": k, "v": v}
         B, Lq = q.shape[:2]
         group = self.num_heads // self.kv_heads

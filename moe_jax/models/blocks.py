@@ -45,7 +45,8 @@ def remat_policy(name: str):
     if name == "minimal":
         return jax.checkpoint_policies.save_from_both_policies(
             jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # [.., D] x [D, ..]: no batch axes
-            jax.checkpoint_policies.save_only_these_names(EXPERT_INPUTS, EXPERT_MATMUL))  # [E, G*C, D] buffers
+            # [E, G*C, D] buffers
+            jax.checkpoint_policies.save_only_these_names(EXPERT_INPUTS, EXPERT_MATMUL))
     if name == "full":
         return jax.checkpoint_policies.nothing_saveable
     raise ValueError(f"no remat policy {name!r}")
@@ -70,23 +71,25 @@ class Layer(nnx.Module):
             return RMSNorm(cfg.d_model, cfg.norm_eps, dt)
 
         def dense_ffn():
-            # T5's dropout on the FFN's hidden activations, at the model's rate (experts use moe.expert_dropout).
-            return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation, dropout_rate=cfg.dropout_rate,
-                               init_scale=cfg.init_scale, dtype=dt, rngs=rngs)
+            # T5's dropout on the FFN's hidden activations, at the model's rate (experts use
+            # moe.expert_dropout).
+            return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation,
+                               dropout_rate=cfg.dropout_rate, init_scale=cfg.init_scale, dtype=dt, rngs=rngs)
 
         self.attn_norm, self.attn = norm(), Attention(cfg, rngs=rngs)
         self.cross_norm = norm() if cross else None
         self.cross = Attention(cfg, rngs=rngs) if cross else None
         self.ffn_norm = norm()
-        self.ffn = (MoELayer(cfg.moe, cfg.d_model, causal=causal, init_scale=cfg.init_scale, dtype=dt, rngs=rngs)
+        self.ffn = (MoELayer(cfg.moe, cfg.d_model, causal=causal, init_scale=cfg.init_scale, dtype=dt,
+                             rngs=rngs)
                     if sparse else dense_ffn())
         extra = sparse and cfg.moe_extra_dense_ffn
         self.extra_norm = norm() if extra else None
         self.extra_ffn = dense_ffn() if extra else None
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
-    def __call__(self, x, *, mask, bias, positions, encoded=None, cross_mask=None, cache=None, cache_index=None,
-                 dropless=False):
+    def __call__(self, x, *, mask, bias, positions, encoded=None, cross_mask=None, cache=None,
+                 cache_index=None, dropless=False):
         """x [B, L, D] -> (x [B, L, D], MoEAux or None, cache or None)."""
         h, cache = self.attn(self.attn_norm(x), mask=mask, bias=bias, q_pos=positions, cache=cache,
                              cache_index=cache_index)
@@ -111,7 +114,8 @@ class Unit(nnx.Module):
     def __init__(self, cfg: ModelConfig, period: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
         sparse = period > 0
         size = max(period, 1)
-        self.layers = nnx.List([Layer(cfg, causal=causal, cross=cross, sparse=sparse and i == size - 1, rngs=rngs)
+        self.layers = nnx.List([Layer(cfg, causal=causal, cross=cross, sparse=sparse and i == size - 1,
+                                      rngs=rngs)
                                 for i in range(size)])
 
     def __call__(self, x, caches, **kwargs):
@@ -127,7 +131,8 @@ class Unit(nnx.Module):
 class Stack(nnx.Module):
     """A stack of identical units, scanned (or unrolled, for comparison), then a final norm."""
 
-    def __init__(self, cfg: ModelConfig, depth: int, period: int, *, causal: bool, cross: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, depth: int, period: int, *, causal: bool, cross: bool,
+                 rngs: nnx.Rngs):
         self.num_units = depth // max(period, 1)
         self.scan, self.remat = cfg.scan_layers, cfg.remat
 
@@ -136,7 +141,8 @@ class Stack(nnx.Module):
 
         if self.scan:
             make_units = nnx.split_rngs(splits=self.num_units)(
-                nnx.vmap(make_unit, in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"}))
+                nnx.vmap(make_unit, in_axes=(0,), out_axes=0,
+                         transform_metadata={nnx.PARTITION_NAME: "layers"}))
             self.units = make_units(rngs)
         else:
             self.units = nnx.List([make_unit(rngs) for _ in range(self.num_units)])

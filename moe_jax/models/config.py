@@ -71,17 +71,19 @@ class ModelConfig:
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(field, f"must be an int >= 1, got {value!r}")
-        for field in ("num_kv_heads", "head_dim", "num_encoder_layers", "encoder_moe_every", "decoder_moe_every"):
+        for field in ("num_kv_heads", "head_dim", "num_encoder_layers", "encoder_moe_every",
+                      "decoder_moe_every"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 fail(field, f"must be an int >= 0, got {value!r}")
-        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) or self.init_scale <= 0:
+        if (isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float))
+                or self.init_scale <= 0):
             fail("init_scale", f"must be a number > 0, got {self.init_scale!r}")
         if not 0 <= self.dropout_rate < 1:
             fail("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
         if self.head_dim == 0 and self.d_model % self.num_heads:
-            fail("num_heads", f"={self.num_heads} must divide model.d_model={self.d_model} when model.head_dim=0 "
-                 "(or set model.head_dim)")
+            fail("num_heads", f"={self.num_heads} must divide model.d_model={self.d_model} "
+                 "when model.head_dim=0 (or set model.head_dim)")
         if self.kv_heads > self.num_heads or self.num_heads % self.kv_heads:
             fail("num_kv_heads", f"={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
         if self.position == "rope" and self.head_size % 2:
@@ -93,15 +95,16 @@ class ModelConfig:
             stacks.append(("encoder", self.num_encoder_layers, self.encoder_moe_every))
         for name, depth, every in stacks:
             if every and depth % every:
-                fail(f"{name}_moe_every", f"={every} must divide model.num_{name}_layers={depth}: layers are scanned "
-                     f"in units of {every} whose last FFN is sparse")
+                fail(f"{name}_moe_every", f"={every} must divide model.num_{name}_layers={depth}: "
+                     f"layers are scanned in units of {every} whose last FFN is sparse")
         if self.decoder_moe_every:
             # Decoders are causal: refuse routing that lets a later token change an earlier output.
             try:
                 self.moe.check_causal()
             except ValueError as e:
                 raise ValueError(f"{e} (the decoder stack is causal; in an encoder-decoder model, "
-                                 "model.decoder_moe_every=0 keeps such a router in the encoder only)") from None
+                                 "model.decoder_moe_every=0 keeps such a router "
+                                 "in the encoder only)") from None
 
     @property
     def kv_heads(self) -> int:
@@ -124,7 +127,8 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown field(s) model.{', model.'.join(unknown)}; known fields: {sorted(known)}")
+            raise ValueError(f"unknown field(s) model.{', model.'.join(unknown)}; "
+                             f"known fields: {sorted(known)}")
         if isinstance(values.get("moe"), dict):
             values["moe"] = MoEConfig.from_dict(values["moe"])
         return cls(**values)

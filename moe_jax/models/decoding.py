@@ -65,8 +65,8 @@ def generate(model, prompts: jax.Array, prompt_valid: jax.Array | None = None, *
         state, token, cache, key_valid = carry
         index, key = inputs
         key_valid = key_valid.at[:, index].set(True)
-        logits, cache = nnx.merge(graphdef, state).decode(token[:, None], cache, index=index, key_valid=key_valid,
-                                                          **extra)
+        logits, cache = nnx.merge(graphdef, state).decode(token[:, None], cache, index=index,
+                                                          key_valid=key_valid, **extra)
         nxt = sample(logits[:, -1], key, temperature=temperature, top_p=top_p)
         return (state, nxt, cache, key_valid), token
 

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def relative_bucket(distance: jax.Array, *, bidirectional: bool, num_buckets: int, max_distance: int) -> jax.Array:
+def relative_bucket(distance: jax.Array, *, bidirectional: bool, num_buckets: int,
+                    max_distance: int) -> jax.Array:
     """distance = query position - key position, int [...] -> bucket int32 [...]."""
     bucket = jnp.zeros_like(distance)
     if bidirectional:
@@ -33,7 +34,8 @@ def relative_bucket(distance: jax.Array, *, bidirectional: bool, num_buckets: in
 
 
 class RelativePositionBias(nnx.Module):
-    def __init__(self, num_buckets: int, max_distance: int, num_heads: int, *, bidirectional: bool, rngs: nnx.Rngs):
+    def __init__(self, num_buckets: int, max_distance: int, num_heads: int, *, bidirectional: bool,
+                 rngs: nnx.Rngs):
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
         self.embedding = nnx.Param(nnx.initializers.normal(1.0)(rngs.params(), (num_buckets, num_heads)),
                                    out_sharding=("relpos_buckets", "heads"))
@@ -46,7 +48,8 @@ class RelativePositionBias(nnx.Module):
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate feature pairs (i, i + Dh/2) by position * theta^(-2i/Dh): x [B, L, H, Dh], positions int [B, L]."""
+    """Rotate feature pairs (i, i + Dh/2) by position * theta^(-2i/Dh): x [B, L, H, Dh],
+    positions int [B, L]."""
     half = x.shape[-1] // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [Dh/2]
     angle = positions.astype(jnp.float32)[:, :, None, None] * freq  # [B, L, 1, Dh/2]

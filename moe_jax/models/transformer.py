@@ -60,10 +60,11 @@ class DecoderOnly(nnx.Module):
         self.cfg = cfg
         self.embed = Embedding(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
-        self.position_bias = (RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
-                                                   bidirectional=False, rngs=rngs)
+        self.position_bias = (RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                                   cfg.num_heads, bidirectional=False, rngs=rngs)
                               if cfg.position == "relative" else None)
-        self.decoder = Stack(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every, causal=True, cross=False, rngs=rngs)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every, causal=True, cross=False,
+                             rngs=rngs)
 
     def _bias(self, q_pos, k_pos):
         return None if self.position_bias is None else self.position_bias(q_pos, k_pos)
@@ -87,7 +88,8 @@ class DecoderOnly(nnx.Module):
         Returns (logits float32 [B, Lq, V], cache).
         """
         q_pos, k_pos = _decode_positions(tokens, key_valid, index)
-        mask = make_mask(jnp.ones_like(tokens), key_valid.astype(jnp.int32), causal=True, q_pos=q_pos, k_pos=k_pos)
+        mask = make_mask(jnp.ones_like(tokens), key_valid.astype(jnp.int32), causal=True, q_pos=q_pos,
+                         k_pos=k_pos)
         x = self.embed(tokens)
         x, _, cache = self.decoder(x, mask=mask, bias=self._bias(q_pos, k_pos), positions=q_pos, caches=cache,
                                    cache_index=index, dropless=True)
@@ -107,12 +109,16 @@ class EncoderDecoder(nnx.Module):
         self.embed = Embedding(cfg, rngs=rngs)  # shared by encoder and decoder, as in T5
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
         relative = cfg.position == "relative"
-        self.encoder_bias = (RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
-                                                  bidirectional=True, rngs=rngs) if relative else None)
-        self.decoder_bias = (RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
-                                                  bidirectional=False, rngs=rngs) if relative else None)
-        self.encoder = Stack(cfg, cfg.num_encoder_layers, cfg.encoder_moe_every, causal=False, cross=False, rngs=rngs)
-        self.decoder = Stack(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every, causal=True, cross=True, rngs=rngs)
+        self.encoder_bias = (RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                                  cfg.num_heads, bidirectional=True, rngs=rngs)
+                             if relative else None)
+        self.decoder_bias = (RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
+                                                  cfg.num_heads, bidirectional=False, rngs=rngs)
+                             if relative else None)
+        self.encoder = Stack(cfg, cfg.num_encoder_layers, cfg.encoder_moe_every, causal=False, cross=False,
+                             rngs=rngs)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every, causal=True, cross=True,
+                             rngs=rngs)
 
     def encode(self, inputs, *, segment_ids=None, positions=None):
         """inputs int [B, Li] -> (encoded [B, Li, D], encoder MoEAux or None)."""
@@ -133,11 +139,13 @@ class EncoderDecoder(nnx.Module):
         seg = jnp.ones_like(decoder_inputs) if decoder_segment_ids is None else decoder_segment_ids
         bias = None if self.decoder_bias is None else self.decoder_bias(pos, pos)
         x = self.dropout(self.embed(decoder_inputs))
-        x, dec_aux, _ = self.decoder(x, mask=make_mask(seg, seg, causal=True, q_pos=pos, k_pos=pos), bias=bias,
-                                     positions=pos, encoded=encoded, cross_mask=make_mask(seg, in_seg, causal=False),
+        x, dec_aux, _ = self.decoder(x, mask=make_mask(seg, seg, causal=True, q_pos=pos, k_pos=pos),
+                                     bias=bias, positions=pos, encoded=encoded,
+                                     cross_mask=make_mask(seg, in_seg, causal=False),
                                      dropless=dropless)
         x = self.dropout(x)
-        return self.embed.logits(x), {**mean_aux([enc_aux, dec_aux]), "moe": {"encoder": enc_aux, "decoder": dec_aux}}
+        return self.embed.logits(x), {**mean_aux([enc_aux, dec_aux]),
+                                      "moe": {"encoder": enc_aux, "decoder": dec_aux}}
 
     def init_cache(self, batch: int, max_len: int) -> list[dict]:
         return _empty_cache(self.cfg, self.decoder, batch, max_len)

@@ -11,6 +11,7 @@ cumulative sum over a one-hot [S*K, E] mask: O(S K log(S K)) work and O(S K) mem
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
 import jax
@@ -20,9 +21,9 @@ CapacityFormula = Literal["assignments", "tokens"]
 CapacityRounding = Literal["ceil", "round", "floor"]
 FillOrder = Literal["rank_major", "token_major"]
 
-CAPACITY_FORMULAS = ("assignments", "tokens")
-CAPACITY_ROUNDINGS = ("ceil", "round", "floor")
-FILL_ORDERS = ("rank_major", "token_major")
+CAPACITY_FORMULAS = typing.get_args(CapacityFormula)
+CAPACITY_ROUNDINGS = typing.get_args(CapacityRounding)
+FILL_ORDERS = typing.get_args(FillOrder)
 
 
 def compute_capacity(
@@ -86,7 +87,8 @@ def fill_rank(num_tokens: int, k: int, order: FillOrder, token_order: jax.Array 
     raise ValueError(f"fill order must be one of {FILL_ORDERS}, got {order!r}")
 
 
-def assign_slots(expert_index: jax.Array, rank: jax.Array, num_experts: int, capacity: int | None) -> jax.Array:
+def assign_slots(expert_index: jax.Array, rank: jax.Array, num_experts: int,
+                 capacity: int | None) -> jax.Array:
     """Slot of every assignment in its expert's buffer, or -1 when it is dropped.
 
     expert_index: int [G, S, K]; an entry equal to num_experts means "not dispatched" (for
@@ -99,7 +101,8 @@ def assign_slots(expert_index: jax.Array, rank: jax.Array, num_experts: int, cap
     G, S, K = expert_index.shape
     n = S * K
     if (num_experts + 1) * n >= 2 ** 31:
-        raise ValueError(f"a group of {n} assignments to {num_experts} experts overflows the int32 sort keys: "
+        raise ValueError(f"a group of {n} assignments to {num_experts} experts overflows the int32 "
+                         "sort keys: "
                          "lower moe.group_size")
     # (expert, rank) and (rank, index) pairs are packed into one int32 key each: XLA sorts a lone
     # int32 array several times faster than several operands with a comparator (1 ms vs 6 ms for

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 
 from moe_jax.routing import capacity as capacity_lib
 from moe_jax.routing import losses
-from moe_jax.routing.token_choice import TokenChoice, bpr_token_order, check_capacity, check_logits, route_choices
+from moe_jax.routing.token_choice import (TokenChoice, bpr_token_order, check_capacity, check_logits,
+                                         route_choices)
 
 
 def hierarchical_choose(
@@ -31,7 +32,8 @@ def hierarchical_choose(
     check_logits(outer_logits, "outer_logits")
     check_capacity(capacity)
     if inner_logits.ndim != 4 or inner_logits.shape[:3] != outer_logits.shape:
-        raise ValueError(f"inner_logits must have shape [G, S, E1, E2] matching outer_logits {outer_logits.shape}, "
+        raise ValueError(f"inner_logits must have shape [G, S, E1, E2] matching outer_logits "
+                         f"{outer_logits.shape}, "
                          f"got {inner_logits.shape}")
     G, S, E1, E2 = inner_logits.shape
     if not 1 <= k_outer <= E1 or not 1 <= k_inner <= E2:

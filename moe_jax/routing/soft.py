@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from moe_jax.routing import losses
+from moe_jax.routing import losses, stats
 
 
 @struct.dataclass
@@ -20,9 +20,26 @@ class SoftRouting:
     combine: jax.Array  # float32 [G, S, E, P]: sums to 1 over (E, P) for every token
     z_loss: jax.Array  # float32 []
 
+    dropless_ok = False
+
     @property
     def num_experts(self) -> int:
         return self.dispatch.shape[2]
+
+    @property
+    def balance_loss(self) -> jax.Array:
+        return jnp.zeros((), jnp.float32)  # every slot mixes every token: nothing to balance
+
+    def stats(self) -> dict[str, jax.Array]:
+        G, S, E, P = self.combine.shape
+        per_expert = jnp.sum(self.combine, axis=(0, 1, 3))  # [E], total combine mass
+        return {
+            "tokens_per_expert": per_expert,
+            "routed_per_expert": per_expert,
+            "max_mean_load": stats.max_over_mean(per_expert),
+            "dropped_fraction": jnp.zeros((), jnp.float32),
+            "router_entropy": stats.entropy(self.combine.reshape(G, S, E * P)),
+        }
 
 
 def soft_route(logits: jax.Array) -> SoftRouting:

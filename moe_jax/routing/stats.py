@@ -1,69 +1,40 @@
-"""Routing statistics a researcher reads to catch expert collapse and over-dropping.
+"""Routing statistics a researcher reads to catch expert collapse and over-dropping, and the slot
+maps every token-to-slot decision hands to the dispatch.
 
-All are float32, computed from a routing decision without touching activations:
+Each routing decision's `stats()` returns float32 figures computed without touching activations:
 - tokens_per_expert [E]: assignments kept per expert, summed over groups;
 - routed_per_expert [E]: assignments that chose each expert, before capacity drops;
 - max_mean_load []: max over mean of routed_per_expert (1.0 is perfect balance);
 - dropped_fraction []: fraction of assignments dropped (token choice), or of tokens that no
   expert took (expert choice);
 - dropped_fraction_per_rank [K]: the same per choice rank (token choice only);
+- experts_per_token []: mean experts that took a token (expert choice only);
 - router_entropy []: mean entropy of the router distribution over experts, in nats.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
-from moe_jax.routing import losses
-from moe_jax.routing.expert_choice import ExpertChoice
-from moe_jax.routing.soft import SoftRouting
-from moe_jax.routing.token_choice import TokenChoice
+
+class SlotMaps(NamedTuple):
+    """Who sits in which expert slot of a group, for the index dispatch (C slots per expert)."""
+
+    # int32 [G, S, K]: slot e*C + c of each choice (E*C: dropped); None: expert choice
+    token_slot: jax.Array | None
+    slot_token: jax.Array  # int32 [G, E*C]: token of the group held by each slot (S: empty)
+    slot_choice: jax.Array | None  # int32 [G, E*C]: (token, choice) index s*K + k in each slot (S*K: empty)
+    weight: jax.Array  # float32 [G, S, K] (token choice) or [G, E*C] (expert choice)
 
 
-def _entropy(probs: jax.Array) -> jax.Array:
+def entropy(probs: jax.Array) -> jax.Array:
+    """Mean entropy in nats of distributions over the last axis: [..., E] -> []."""
     p = probs.astype(jnp.float32)  # [..., E]
     return jnp.mean(-jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1))
 
 
-def _balance(routed: jax.Array) -> jax.Array:
+def max_over_mean(routed: jax.Array) -> jax.Array:
+    """[E] -> []: 1.0 when every expert has the same load."""
     return jnp.max(routed) / jnp.maximum(jnp.mean(routed), 1e-30)
-
-
-def routing_stats(decision: TokenChoice | ExpertChoice | SoftRouting) -> dict[str, jax.Array]:
-    if isinstance(decision, TokenChoice):
-        E = decision.num_experts
-        routed = jnp.sum(losses.expert_counts(decision.expert_index, E), axis=0)  # [G, E] -> [E]
-        kept_index = jnp.where(decision.position >= 0, decision.expert_index, E)  # [G, S, K]
-        kept = jnp.sum(losses.expert_counts(kept_index, E), axis=0)  # [E]
-        dropped = (decision.position < 0).astype(jnp.float32)  # [G, S, K]
-        return {
-            "tokens_per_expert": kept,
-            "routed_per_expert": routed,
-            "max_mean_load": _balance(routed),
-            "dropped_fraction": jnp.mean(dropped),
-            "dropped_fraction_per_rank": jnp.mean(dropped, axis=(0, 1)),  # [K]
-            "router_entropy": _entropy(decision.probs),
-        }
-    if isinstance(decision, ExpertChoice):
-        G, S, E = decision.probs.shape
-        taken = jnp.zeros((G, S), jnp.float32).at[jnp.arange(G)[:, None, None], decision.token_index].add(1.0)
-        per_expert = jnp.full((E,), G * decision.capacity, jnp.float32)
-        return {
-            "tokens_per_expert": per_expert,
-            "routed_per_expert": per_expert,
-            "max_mean_load": _balance(per_expert),
-            "dropped_fraction": jnp.mean((taken == 0).astype(jnp.float32)),
-            "experts_per_token": jnp.mean(taken),
-            "router_entropy": _entropy(decision.probs),
-        }
-    if isinstance(decision, SoftRouting):
-        G, S, E, P = decision.combine.shape
-        per_expert = jnp.sum(decision.combine, axis=(0, 1, 3))  # [E], total combine mass
-        return {
-            "tokens_per_expert": per_expert,
-            "routed_per_expert": per_expert,
-            "max_mean_load": _balance(per_expert),
-            "dropped_fraction": jnp.zeros((), jnp.float32),
-            "router_entropy": _entropy(decision.combine.reshape(G, S, E * P)),
-        }
-    raise TypeError(f"unknown routing decision type {type(decision).__name__}")

@@ -13,6 +13,7 @@ order and assignments beyond the capacity are dropped. Options that differ betwe
 """
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import jax
@@ -20,9 +21,11 @@ import jax.numpy as jnp
 from flax import struct
 
 from moe_jax.routing import capacity as capacity_lib
-from moe_jax.routing import losses
+from moe_jax.routing import losses, stats
+from moe_jax.routing.stats import SlotMaps
 
-SECOND_CHOICE_POLICIES = ("all", "random")
+SecondChoice = Literal["all", "random"]
+SECOND_CHOICE_POLICIES = typing.get_args(SecondChoice)
 
 
 @struct.dataclass
@@ -37,14 +40,55 @@ class TokenChoice:
     z_loss: jax.Array  # float32 []: router z-loss
     capacity: int | None = struct.field(pytree_node=False)  # slots per expert and group; None: dropless
 
+    dropless_ok = True  # its assignments can be sorted by expert (dispatch='dropless')
+
     @property
     def num_experts(self) -> int:
         return self.probs.shape[-1]
 
+    def stats(self) -> dict[str, jax.Array]:
+        E = self.num_experts
+        routed = jnp.sum(losses.expert_counts(self.expert_index, E), axis=0)  # [G, E] -> [E]
+        kept_index = jnp.where(self.position >= 0, self.expert_index, E)  # [G, S, K]
+        dropped = (self.position < 0).astype(jnp.float32)  # [G, S, K]
+        return {
+            "tokens_per_expert": jnp.sum(losses.expert_counts(kept_index, E), axis=0),  # [E]
+            "routed_per_expert": routed,
+            "max_mean_load": stats.max_over_mean(routed),
+            "dropped_fraction": jnp.mean(dropped),
+            "dropped_fraction_per_rank": jnp.mean(dropped, axis=(0, 1)),  # [K]
+            "router_entropy": stats.entropy(self.probs),
+        }
+
+    def masks(self, capacity: int) -> tuple[jax.Array, jax.Array]:
+        """The einsum dispatch's one-hot dispatch mask and combine weights, both float32 [G, S, E, C]."""
+        # [G, S, K, E] x [G, S, K, C] -> [G, S, E, C]; position -1 has an all-zero one-hot.
+        expert = jax.nn.one_hot(self.expert_index, self.num_experts, dtype=jnp.float32)
+        slot = jax.nn.one_hot(self.position, capacity, dtype=jnp.float32)
+        return jnp.einsum("gske,gskc->gsec", expert, slot), jnp.einsum("gske,gskc,gsk->gsec", expert, slot,
+                                                                       self.weight)
+
+    def slots(self, capacity: int) -> SlotMaps:
+        """Per-group slot maps; every index stays inside its group, so a group-sharded batch gathers
+        locally."""
+        G, S, K = self.position.shape
+        E, C = self.num_experts, capacity
+        # [G, S, K]: slot e*C + position, or the out-of-range E*C when dropped.
+        token_slot = jnp.where(self.position >= 0, self.expert_index * C + self.position, E * C)
+        choice_id = jnp.arange(S * K, dtype=jnp.int32)
+
+        def invert(slots):  # [S*K] -> [E*C]: the choice held by each slot, S*K where empty
+            return jnp.full((E * C,), S * K, jnp.int32).at[slots].set(choice_id, mode="drop")
+
+        slot_choice = jax.vmap(invert)(token_slot.reshape(G, S * K))  # [G, E*C]
+        slot_token = jnp.where(slot_choice < S * K, slot_choice // K, S)  # [G, E*C]
+        return SlotMaps(token_slot, slot_token, slot_choice, self.weight)
+
 
 def check_logits(logits: jax.Array, name: str = "logits") -> None:
     if logits.ndim != 3:
-        raise ValueError(f"{name} must have shape [G, S, E] (groups, tokens, experts), got shape {logits.shape}")
+        raise ValueError(f"{name} must have shape [G, S, E] (groups, tokens, experts), "
+                         f"got shape {logits.shape}")
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise ValueError(f"{name} must be a floating-point array, got dtype {logits.dtype}")
 
@@ -52,7 +96,8 @@ def check_logits(logits: jax.Array, name: str = "logits") -> None:
 def check_capacity(capacity: int | None) -> None:
     if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
         raise ValueError(
-            f"capacity must be an int >= 1 (slots per expert and group), or None for dropless routing; got {capacity!r}")
+            f"capacity must be an int >= 1 (slots per expert and group), or None for dropless routing; "
+            f"got {capacity!r}")
 
 
 def bpr_token_order(top1: jax.Array) -> jax.Array:
@@ -87,25 +132,31 @@ def route_choices(
     return position, jnp.where(position >= 0, weight, 0.0).astype(jnp.float32)
 
 
-def tokens_choose(
-    logits: jax.Array,
-    *,
-    k: int,
-    capacity: int | None,
-    batch_prioritized: bool = False,
-    renormalize: bool = False,
-    order: capacity_lib.FillOrder = "rank_major",
-    second_choice: Literal["all", "random"] = "all",
-    choice_bias: jax.Array | None = None,
-    rng: jax.Array | None = None,
-) -> TokenChoice:
-    """Route every token of every group to its top-k experts.
+def top_k_by_max_rounds(k: int) -> bool:
+    """Whether top-k is taken as k rounds of max (lowest index winning ties, as in lax.top_k) instead
+    of lax.top_k: on XLA:CPU argmax and the top_k custom call each cost several passes over [G, S, E]
+    (benchmarks/README.md, "Router in one softmax pass, top-k by max"). The decisions are the same."""
+    return k <= 2
 
-    logits: float [G, S, E], cast to float32. capacity: slots per expert and group (see
-    capacity.compute_capacity), or None to drop nothing. Returns a TokenChoice.
-    """
-    check_logits(logits)
-    num_experts = logits.shape[-1]
+
+def _top_k(scores: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """scores [G, S, E] -> (values, indices) [G, S, K] x2, by descending score, lowest index first on ties."""
+    if not top_k_by_max_rounds(k):
+        return jax.lax.top_k(scores, k)
+    E = scores.shape[-1]
+    iota = jnp.arange(E, dtype=jnp.int32)
+    values, picks = [], []
+    for i in range(k):
+        best = jnp.max(scores, axis=-1, keepdims=True)  # [G, S, 1]
+        pick = jnp.min(jnp.where(scores == best, iota, E - 1), axis=-1, keepdims=True)  # [G, S, 1]
+        values.append(best)
+        picks.append(pick)
+        if i + 1 < k:
+            scores = jnp.where(iota == pick, -jnp.inf, scores)  # [G, S, E]
+    return jnp.concatenate(values, axis=-1), jnp.concatenate(picks, axis=-1)
+
+
+def _check_options(k, num_experts, capacity, order, second_choice, rng) -> None:
     if not isinstance(k, int) or not 1 <= k <= num_experts:
         raise ValueError(f"k must be an int in [1, num_experts={num_experts}], got {k!r}")
     check_capacity(capacity)
@@ -117,30 +168,66 @@ def tokens_choose(
         raise ValueError("second_choice='random' (GShard) needs k=2 and an rng key; "
                          f"got k={k}, rng={'set' if rng is not None else 'None'}")
 
+
+def _random_second(expert_index: jax.Array, weight: jax.Array, rng: jax.Array, num_experts: int) -> jax.Array:
+    """GShard's stochastic second expert: [G, S, 2] choices with each second one replaced by E (not
+    dispatched) unless 2 * p2 / (p1 + p2) > u, u ~ U[0, 1)."""
+    gate2 = weight[..., 1] / (weight[..., 0] + weight[..., 1])  # [G, S]
+    keep2 = 2.0 * gate2 > jax.random.uniform(rng, gate2.shape)  # [G, S]
+    return expert_index.at[..., 1].set(jnp.where(keep2, expert_index[..., 1], num_experts))
+
+
+def tokens_choose(
+    logits: jax.Array,
+    *,
+    k: int,
+    capacity: int | None,
+    batch_prioritized: bool = False,
+    renormalize: bool = False,
+    order: capacity_lib.FillOrder = "rank_major",
+    second_choice: SecondChoice = "all",
+    choice_bias: jax.Array | None = None,
+    rng: jax.Array | None = None,
+    weight_scale: float = 1.0,
+) -> TokenChoice:
+    """Route every token of every group to its top-k experts.
+
+    logits: float [G, S, E], cast to float32. capacity: slots per expert and group (see
+    capacity.compute_capacity), or None to drop nothing. weight_scale multiplies the combine
+    weights (DeepSeek's routed_scaling_factor). Returns a TokenChoice.
+
+    One max / exp / sum pass yields the probabilities, the combine weights and the z-loss's
+    logsumexp. Experts are chosen by the logits (the probabilities' order), or by probabilities
+    plus choice_bias when one is given.
+    """
+    check_logits(logits)
+    G, S, E = logits.shape
+    _check_options(k, E, capacity, order, second_choice, rng)
     logits = logits.astype(jnp.float32)
-    probs = jax.nn.softmax(logits, axis=-1)  # [G, S, E]
-    scores = probs if choice_bias is None else probs + choice_bias.astype(jnp.float32)  # [G, S, E]
-    top_scores, expert_index = jax.lax.top_k(scores, k)  # [G, S, E] -> [G, S, K] x2
-    weight = jnp.take_along_axis(probs, expert_index, axis=-1)  # [G, S, K]
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))  # [G, S, 1]
+    exp = jnp.exp(logits - top)  # [G, S, E]
+    denom = jnp.sum(exp, axis=-1, keepdims=True)  # [G, S, 1]
+    probs = exp / denom  # [G, S, E]
+    scores = logits if choice_bias is None else probs + choice_bias.astype(jnp.float32)  # [G, S, E]
+    top_scores, expert_index = _top_k(jax.lax.stop_gradient(scores), k)  # [G, S, K] x2
+    weight = jnp.exp(jnp.take_along_axis(logits, expert_index, axis=-1) - top) / denom  # [G, S, K]
     if renormalize:
         weight = weight / jnp.sum(weight, axis=-1, keepdims=True)  # [G, S, K]
+    weight = weight * weight_scale if weight_scale != 1.0 else weight
 
-    dispatched = expert_index
-    if second_choice == "random":
-        gate2 = weight[..., 1] / (weight[..., 0] + weight[..., 1])  # [G, S]
-        keep2 = 2.0 * gate2 > jax.random.uniform(rng, gate2.shape)  # [G, S]
-        dispatched = expert_index.at[..., 1].set(jnp.where(keep2, expert_index[..., 1], num_experts))
-
-    token_order = bpr_token_order(top_scores[..., 0]) if batch_prioritized else None
-    position, weight = route_choices(
-        dispatched, weight, num_experts=num_experts, capacity=capacity, order=order, token_order=token_order)
+    dispatched = expert_index if second_choice == "all" else _random_second(expert_index, weight, rng, E)
+    # BPR's priority: the top-1 probability (plus its bias when choices are biased).
+    priority = (1.0 / denom[..., 0]) if choice_bias is None else top_scores[..., 0]  # [G, S]
+    token_order = bpr_token_order(priority) if batch_prioritized else None
+    position, weight = route_choices(dispatched, weight, num_experts=E, capacity=capacity, order=order,
+                                     token_order=token_order)
     return TokenChoice(
         expert_index=expert_index.astype(jnp.int32),
         position=position,
         weight=weight,
         probs=probs,
         balance_loss=losses.load_balancing_loss(probs, expert_index),
-        z_loss=losses.router_z_loss(logits),
+        z_loss=jnp.mean(jnp.square(top[..., 0] + jnp.log(denom[..., 0]))),  # logsumexp^2
         capacity=capacity,
     )
 

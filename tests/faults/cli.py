@@ -25,8 +25,8 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 # corpus with a 1000-piece vocabulary): the suites add the model kind and the schedule.
 TINY_MODEL = {
     "model.d_model": 32, "model.d_ff": 64, "moe.d_ff": 64, "model.num_heads": 2, "model.head_dim": 16,
-    "data.spm_vocab_size": 1000, "data.corpus_max_files": 30, "batch_size": 4, "seq_len": 32, "warmup_steps": 2,
-    "log_every_steps": 1, "num_eval_steps": 2,
+    "data.spm_vocab_size": 1000, "data.corpus_max_files": 30, "batch_size": 4, "seq_len": 32,
+    "warmup_steps": 2, "log_every_steps": 1, "num_eval_steps": 2,
 }
 
 
@@ -241,7 +241,8 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
             x = jax.random.key_data(x)
         return np.asarray(jax.device_get(x))
 
-    return {"/".join(name(e) for e in path): value(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+    return {"/".join(name(e) for e in path): value(x)
+            for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def checkpoint_arrays(workdir: os.PathLike, step: int) -> dict[str, np.ndarray]:

@@ -43,7 +43,8 @@ class Faults:
 
     def start(self, name, workdir, *extra, **changes):
         """The main job on `workdir`, forked from the server that has imported moe_jax."""
-        return cli.Job(self.args(workdir, *extra, **changes), self.env, self.logs, name, forkserver=self.forkserver)
+        return cli.Job(self.args(workdir, *extra, **changes), self.env, self.logs, name,
+                       forkserver=self.forkserver)
 
     def run(self, name, workdir, *extra, expect=0, timeout=600, **changes):
         return cli.run(self.args(workdir, *extra, **changes), self.env, self.logs, name, expect=expect,
@@ -76,7 +77,8 @@ def assert_equals_reference(workdir, reference):
 
 def pytest_configure(config):
     # ml_collections loads each config file with importlib's deprecated load_module(), hundreds of times here.
-    config.addinivalue_line("filterwarnings", "ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
+    config.addinivalue_line("filterwarnings",
+                            "ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
 
 
 # What each test tried, for the summary printed at the end: {fault: (count, detail)}.

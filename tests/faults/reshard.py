@@ -31,7 +31,8 @@ def main(argv: list[str]) -> None:
         state, _ = checkpointer.restore(step, trainer.abstract_sharded_state())
         restored = cli.flat_arrays(state)
         different = sorted(k for k in saved.keys() | restored.keys()
-                           if k not in saved or k not in restored or restored[k].tobytes() != saved[k].tobytes())
+                           if k not in saved or k not in restored
+                           or restored[k].tobytes() != saved[k].tobytes())
         experts = state.params["decoder"]["units"]["layers"]
         experts = next(iter(experts.values()))["ffn"]["experts"]["wo"]  # [units, E, F, D]
         print(json.dumps({"mesh": shape, "arrays": len(restored), "different": different,

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moe_jax import configuration, sharding
+from moe_jax import configuration, routers, sharding
 from moe_jax.trainer import Trainer
 from tests.faults import cli
 from tests.faults.conftest import TALLY
@@ -113,7 +113,8 @@ def command_lines(draw):
         field, argument = draw(st.sampled_from(UNKNOWN))
         overrides.insert(draw(st.integers(0, len(overrides))), argument)
         bad.append(field)
-    return ["moe_jax", "--config=configs/switch_tiny.py", *overrides, "--workdir=/nonexistent/never/written"], bad
+    return ["moe_jax", "--config=configs/switch_tiny.py", *overrides,
+            "--workdir=/nonexistent/never/written"], bad
 
 
 @settings(max_examples=600, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
@@ -132,7 +133,8 @@ def test_fuzzed_overrides_are_refused_iff_invalid_naming_the_field(case):
         TRIED["invalid"] += 1
     assert COMPILES["count"] == before, "nothing may compile while a config is checked"
     TALLY["config command lines fuzzed"] = (TRIED["valid"] + TRIED["invalid"],
-                                            f"{TRIED['valid']} valid accepted, {TRIED['invalid']} invalid refused")
+                                            f"{TRIED['valid']} valid accepted, "
+                                            f"{TRIED['invalid']} invalid refused")
 
 
 @pytest.mark.parametrize("field", sorted(name for name, (_, invalid) in FIELDS.items() if invalid))
@@ -143,7 +145,8 @@ def test_each_invalid_value_through_the_main_job(faults, field, tmp_path):
         workdir = tmp_path / "never"
         args = ["--config=configs/switch_tiny.py", f"--config.data.data_dir={faults.data_dir}",
                 f"--config.{field}={value}", f"--workdir={workdir}"]
-        job = cli.run(args, faults.env, faults.logs, f"invalid_{field}", expect=None, forkserver=faults.forkserver)
+        job = cli.run(args, faults.env, faults.logs, f"invalid_{field}", expect=None,
+                      forkserver=faults.forkserver)
         assert job.proc.returncode == 1 and "Traceback" not in job.stderr, job.report()
         errors = job.error_lines()
         assert len(errors) == 1 and field in errors[0], job.report()
@@ -157,3 +160,60 @@ def test_every_experiment_config_passes_untouched():
     for path in configuration.available_configs():
         if not path.endswith("base.py"):
             preflight(["moe_jax", f"--config={path}"])
+
+
+# Every router of the registry with the k values it serves (1 where it does not read k), each with
+# random valid settings of the options it reads and, now and then, an option it does not read.
+NON_DEFAULT = {"k": "2", "order": "token_major", "batch_prioritized": "true", "renormalize": "true",
+               "second_choice": "random", "router_dtype": "bfloat16", "router_init_scale": "1.0",
+               "bias_update_rate": "0.01", "routed_scaling_factor": "2.5", "num_expert_groups": "2",
+               "k_groups": "2", "soft_slots_per_expert": "2"}
+READ_VALUES = {"renormalize": ["true", "false"], "router_dtype": ["float32", "bfloat16"],
+               "router_init_scale": ["0.1", "1.0"], "bias_update_rate": ["0.0", "0.01"],
+               "routed_scaling_factor": ["1.0", "2.5"], "soft_slots_per_expert": ["1", "2"]}
+ROUTER_KS = [(name, k) for name in routers.NAMES
+             for k in ((1, 2, 4) if "k" in routers.get(name).reads else (1,))]
+
+
+@st.composite
+def router_command_lines(draw, name: str, k: int):
+    kind = routers.get(name)
+    moe = {"router": name, "num_experts": "8"}
+    if "k" in kind.reads:
+        moe["k"] = str(k)
+    if "num_expert_groups" in kind.reads and (name == "hierarchical" or draw(st.booleans())):
+        moe["num_expert_groups"] = "2"
+        moe["k_groups"] = "2" if name == "sigmoid" or draw(st.booleans()) else "1"
+    for option, values in READ_VALUES.items():
+        if option in kind.reads and draw(st.booleans()):
+            moe[option] = draw(st.sampled_from(values))
+    if "second_choice" in kind.reads and k == 2 and draw(st.booleans()):
+        moe["second_choice"] = "random"
+    model = {} if kind.causal_safe else {"decoder_moe_every": "0"}  # the decoder is causal
+    if "order" in kind.reads and (k > 1 or moe.get("k_groups") == "2"):
+        moe["order"] = "token_major"  # rank-major with several choices and dropping breaks causality
+    bad = []
+    if draw(st.integers(0, 2)) == 0:
+        field = draw(st.sampled_from([f for f in routers.ROUTER_OPTIONS if f not in kind.reads]))
+        moe[field] = NON_DEFAULT[field]
+        bad.append(f"moe.{field}")
+    argv = ([f"--config.moe.{f}={v}" for f, v in moe.items()]
+            + [f"--config.model.{f}={v}" for f, v in model.items()])
+    return ["moe_jax", "--config=configs/switch_tiny.py", *argv, "--workdir=/nonexistent/never/written"], bad
+
+
+@pytest.mark.parametrize("name,k", ROUTER_KS)
+def test_every_router_and_k_fuzzed_refuses_iff_an_option_does_not_apply(name, k):
+    assert set(routers.NAMES) == {n for n, _ in ROUTER_KS}  # every registered router is sampled
+
+    @settings(max_examples=15, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+    @given(router_command_lines(name, k))
+    def check(case):
+        argv, bad = case
+        if not bad:
+            preflight(argv)
+            return
+        with pytest.raises(ValueError, match=bad[0].replace(".", r"\.") + "=.* does not apply"):
+            preflight(argv)
+
+    check()

@@ -22,8 +22,8 @@ from tests.faults.conftest import STEPS, TALLY, TERM_GRACE_S, assert_equals_refe
 def disk(faults):
     mount = faults.root / "disk"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True,
-                            text=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
+                            capture_output=True, text=True)
     if result.returncode:
         pytest.skip(f"cannot mount a tmpfs to fill up (needs root): {result.stderr.strip()}")
     yield mount
@@ -53,7 +53,8 @@ def snapshot(workdir) -> dict[str, str]:
     """sha256 of every file of the complete checkpoints."""
     complete, _ = cli.checkpoints(workdir)
     return {str(p.relative_to(workdir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for step in complete for p in sorted((workdir / "checkpoints" / str(step)).rglob("*")) if p.is_file()}
+            for step in complete for p in sorted((workdir / "checkpoints" / str(step)).rglob("*"))
+            if p.is_file()}
 
 
 def assert_refused_cleanly(job, pattern):
@@ -68,8 +69,8 @@ def test_sigterm_full_disk_and_read_only_lose_nothing(faults, reference, disk):
     # 1. Preemption: SIGTERM once step 4 is logged; a checkpoint and exit 0 within the grace period.
     since = time.time()
     job = faults.start("disk_0_sigterm", workdir)
-    assert cli.wait_until(lambda: cli.last_logged_step(workdir) >= 4 and os.path.getmtime(workdir / "metrics.jsonl")
-                          >= since, job), job.report()
+    assert cli.wait_until(lambda: cli.last_logged_step(workdir) >= 4
+                          and os.path.getmtime(workdir / "metrics.jsonl") >= since, job), job.report()
     sent = time.monotonic()
     job.terminate()
     assert job.wait(TERM_GRACE_S) == 0, job.report()
@@ -91,8 +92,8 @@ def test_sigterm_full_disk_and_read_only_lose_nothing(faults, reference, disk):
     (disk / "filler").unlink()
     fill(disk, headroom=0)
     job = faults.run("disk_2_full", workdir, expect=None)
-    assert_refused_cleanly(job, rf"cannot write the metrics .*No space left on device.*step {stopped}\), which is "
-                                rf"intact")
+    assert_refused_cleanly(job, rf"cannot write the metrics .*No space left on device.*step {stopped}\), "
+                                rf"which is intact")
     assert snapshot(workdir) == saved
     (disk / "filler").unlink()
 
@@ -114,4 +115,5 @@ def test_sigterm_full_disk_and_read_only_lose_nothing(faults, reference, disk):
     assert cli.resumed_from(job) == stopped
     assert_equals_reference(workdir, reference)
     TALLY["SIGTERM (then restart)"] = (1, f"exit 0 after {took:.1f} s, checkpoint of step {stopped}")
-    TALLY["write failures (then restart)"] = (3, "disk full at a save, disk full, read-only checkpoint directory")
+    TALLY["write failures (then restart)"] = (3, "disk full at a save, disk full, "
+                                                 "read-only checkpoint directory")

@@ -50,8 +50,9 @@ def divergence(job) -> re.Match:
     assert job.proc.returncode == 1 and "Traceback" not in job.stderr, job.report()
     errors = job.error_lines()
     match = errors and re.fullmatch(
-        r"error: the (loss|gradient norm) is (nan|inf|-inf) at step (\d+).*; stopping\. The last good checkpoint "
-        r"\(step (\d+)\) is kept in \S+\. (First router statistics to go bad: decoder layer (\d+) \((\w+) = (\S+)\)"
+        r"error: the (loss|gradient norm) is (nan|inf|-inf) at step (\d+).*; stopping\. "
+        r"The last good checkpoint \(step (\d+)\) is kept in \S+\. "
+        r"(First router statistics to go bad: decoder layer (\d+) \((\w+) = (\S+)\)"
         r"|Every MoE layer's router statistics are still finite)\.", errors[0])
     assert match, job.report()
     return match
@@ -60,10 +61,12 @@ def divergence(job) -> re.Match:
 def test_divergence_stops_at_its_step_and_names_the_layer(faults, reference):
     reference_workdir = reference[0]
     blown = faults.root / "diverged_lr"
-    lr_job = faults.start("diverged_lr", blown, learning_rate=1e12, checkpoint_every_steps=1)  # compiles meanwhile
+    # compiles meanwhile
+    lr_job = faults.start("diverged_lr", blown, learning_rate=1e12, checkpoint_every_steps=1)
 
     tried = 0
-    for layer, make_bad, value in ((1, lambda k: k * 1e20, "inf"), (0, lambda k: jnp.full_like(k, jnp.nan), "nan")):
+    for layer, make_bad, value in ((1, lambda k: k * 1e20, "inf"),
+                                   (0, lambda k: jnp.full_like(k, jnp.nan), "nan")):
         workdir = faults.root / f"diverged_layer{layer}"
         poison(faults, reference_workdir, workdir, layer, make_bad)
         kept = {p: p.read_bytes() for p in (workdir / "checkpoints" / str(RESUME)).rglob("*") if p.is_file()}
@@ -78,9 +81,11 @@ def test_divergence_stops_at_its_step_and_names_the_layer(faults, reference):
     lr_job.wait()
     m = divergence(lr_job)
     step, kept_step = int(m[3]), int(m[4])
-    assert kept_step == step - 1 == cli.last_logged_step(blown) == cli.checkpoints(blown)[0][-1], lr_job.report()
+    assert kept_step == step - 1 == cli.last_logged_step(blown) == cli.checkpoints(blown)[0][-1], \
+        lr_job.report()
     assert all(np.isfinite(r["train/loss"]) for r in cli.metrics(blown))
     assert all(np.isfinite(a).all() for a in cli.checkpoint_arrays(blown, kept_step).values())  # a good one
     assert m[6] is not None, lr_job.report()  # NaN everywhere: some layer's statistics are named
-    TALLY["divergences injected"] = (tried + 1, "learning rate 1e12 (NaN), huge router weights in layer 1 (inf), "
+    TALLY["divergences injected"] = (tried + 1, "learning rate 1e12 (NaN), "
+                                                "huge router weights in layer 1 (inf), "
                                                 "NaN router weights in layer 0")

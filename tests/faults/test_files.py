@@ -29,8 +29,8 @@ def damages(content: bytes, rng: random.Random, cuts: int, flips: int):
         yield f"cut at {n} of {len(content)}", content[:n]
     for _ in range(flips):
         at, length = rng.randrange(len(content)), rng.choice((1, 8, 64))
-        yield f"{length} bytes flipped at {at}", content[:at] + bytes(b ^ 0xFF for b in content[at:at + length]) \
-            + content[at + length:]
+        yield f"{length} bytes flipped at {at}", \
+            content[:at] + bytes(b ^ 0xFF for b in content[at:at + length]) + content[at + length:]
     yield "random bytes", rng.randbytes(len(content))
     yield "empty", b""
 
@@ -67,7 +67,8 @@ def test_damaged_config_files(tmp_path, fresh_configs_package):
                 config = configuration.check_command_line(argv)
                 configuration.validate(config)  # the damage happened to leave valid Python and values
             except ValueError as e:  # ConfigError, or a field's value the damage made invalid
-                assert "config file" in str(e) or any(f in str(e) for f in ("config.", "model.", "moe.", "data.")), \
+                assert "config file" in str(e) or any(f in str(e)
+                                                      for f in ("config.", "model.", "moe.", "data.")), \
                     (damage, str(e))
             count("config files")
     assert not os.path.exists("/nonexistent")
@@ -78,8 +79,8 @@ def test_damaged_config_file_through_the_main_job(faults, tmp_path):
     shutil.copytree(cli.ROOT / "configs", folder)
     content = (folder / "base.py").read_bytes()
     (folder / "base.py").write_bytes(content[:len(content) // 2])
-    job = cli.run([f"--config={folder / 'switch_tiny.py'}", f"--workdir={tmp_path / 'w'}"], faults.env, faults.logs,
-                  "damaged_config", expect=1, forkserver=faults.forkserver)
+    job = cli.run([f"--config={folder / 'switch_tiny.py'}", f"--workdir={tmp_path / 'w'}"], faults.env,
+                  faults.logs, "damaged_config", expect=1, forkserver=faults.forkserver)
     assert "Traceback" not in job.stderr and job.error_lines(), job.report()
     expected = f"error: config file '{folder / 'base.py'}' is not valid Python"
     assert job.error_lines()[0].startswith(expected), job.report()
@@ -121,8 +122,8 @@ def test_damaged_cached_tokenizer_through_the_main_job(faults, reference, tmp_pa
 
 
 DATASET = f"{corpus.StdlibCorpus.name}/{corpus.builder_config(MAX_FILES).name}/{corpus.StdlibCorpus.VERSION}"
-DATA_FILES = ("stdlib_corpus-train.array_record-00000-of-00001", "stdlib_corpus-validation.array_record-00000-of-00001",
-              "dataset_info.json")
+DATA_FILES = ("stdlib_corpus-train.array_record-00000-of-00001",
+              "stdlib_corpus-validation.array_record-00000-of-00001", "dataset_info.json")
 
 
 def read_everything(data_dir, tok) -> list:
@@ -131,8 +132,8 @@ def read_everything(data_dir, tok) -> list:
                                                 *cli.overrides({**TINY, "data.data_dir": data_dir})])
     records = []
     for split in ("train", "validation"):
-        source = sources.open_split("default", split, str(data_dir), "text", split_field=f"data.{split}_split",
-                                    max_files=MAX_FILES)
+        source = sources.open_split("default", split, str(data_dir), "text",
+                                    split_field=f"data.{split}_split", max_files=MAX_FILES)
         records += [sources.text_of(source[i], "text") for i in range(len(source))]
     iterator = data.train_iterator(config, tok)
     for _ in range(3):
@@ -159,7 +160,9 @@ def test_damaged_dataset_files(faults, reference, tmp_path):
             except ValueError as e:
                 assert "data.dataset='default'" in str(e) and str(data_dir) in str(e), (file, damage, str(e))
                 assert e.__cause__ is None, (file, damage)
-            else:  # damage nothing reads (padding, an unused field of dataset_info.json): the data must be intact
+            else:
+                # damage nothing reads (padding, an unused field of dataset_info.json):
+                # the data must be intact
                 assert records == original, (file, damage)
             count("dataset files")
 

@@ -33,8 +33,8 @@ def trigger(kind: str, step: int, workdir, rng: random.Random, since: float):
         return logged(step), rng.uniform(0, 0.03)
     if kind == "checkpoint":
         directory = workdir / "checkpoints"
-        return (lambda: fresh(directory / f"{step}.orbax-checkpoint-tmp", since) or (directory / str(step)).exists()), \
-            rng.uniform(0, 0.25)
+        return (lambda: fresh(directory / f"{step}.orbax-checkpoint-tmp", since)
+                or (directory / str(step)).exists()), rng.uniform(0, 0.25)
     return logged(step - 1), rng.uniform(0.05, 0.5)
 
 
@@ -61,7 +61,8 @@ def finish(faults, workdir, launch: int, expected_resume: int, reference) -> Non
     assert cli.resumed_from(job) == expected_resume, job.report()
     assert_equals_reference(workdir, reference)
     complete, partial = cli.checkpoints(workdir)  # (a SIGTERM adds a checkpoint off the grid of SAVE_STEPS)
-    assert complete[-1] == STEPS and len(complete) <= 3 and not partial, ("checkpoints left behind", complete, partial)
+    assert complete[-1] == STEPS and len(complete) <= 3 and not partial, \
+        ("checkpoints left behind", complete, partial)
 
 
 def test_kill_9_and_sigterm_at_random_points_lose_nothing(faults, reference):

@@ -21,16 +21,19 @@ def test_restore_on_other_meshes_is_exact(faults, reference):
     cli.run(args + [f"--config.num_train_steps={STEP}"], env, faults.logs, "mesh_train")
     assert cli.checkpoints(workdir)[0] == [STEP]
 
-    result = subprocess.run([sys.executable, "-m", "tests.faults.reshard", str(workdir), str(STEP), *RESTORE_ON,
-                             "--", *args], cwd=cli.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "tests.faults.reshard", str(workdir), str(STEP),
+                             *RESTORE_ON, "--", *args], cwd=cli.ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-5000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [tuple(r["mesh"]) for r in rows] == [tuple(int(n) for n in m.strip("()").split(",")) for m in RESTORE_ON]
+    assert [tuple(r["mesh"]) for r in rows] == [tuple(int(n) for n in m.strip("()").split(","))
+                                                for m in RESTORE_ON]
     for row, shards in zip(rows, RESTORE_ON.values()):
         assert row["different"] == [] and row["arrays"] > 50, row
         assert row["expert_shards"] == shards, row
 
-    resumed = cli.run(faults.args(workdir, mesh_shape="(2,2,1)", num_train_steps=6), env, faults.logs, "mesh_resume")
+    resumed = cli.run(faults.args(workdir, mesh_shape="(2,2,1)", num_train_steps=6), env, faults.logs,
+                      "mesh_resume")
     assert cli.resumed_from(resumed) == STEP and cli.checkpoints(workdir)[0][-1] == 6
     TALLY["restores on another mesh"] = (len(RESTORE_ON) + 1, "from (1,4,1) onto " + ", ".join(RESTORE_ON)
                                          + "; the main job resumed on (2,2,1)")

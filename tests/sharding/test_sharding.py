@@ -32,8 +32,10 @@ def config_for(router: str, num_experts: int, mesh_shape=(1, 1, 1)):
 
 def loss_and_grads(config, mesh_shape):
     n = int(np.prod(mesh_shape))
-    trainer = Trainer(config, configuration.validate(config), mesh=sharding.make_mesh(mesh_shape, jax.devices()[:n]))
-    loss, grads = trainer.jit_loss_and_grads()(trainer.create_state(0), trainer.shard_batch(synthetic_batch(config)))
+    trainer = Trainer(config, configuration.validate(config),
+                      mesh=sharding.make_mesh(mesh_shape, jax.devices()[:n]))
+    loss, grads = trainer.jit_loss_and_grads()(trainer.create_state(0),
+                                               trainer.shard_batch(synthetic_batch(config)))
     return float(loss), jax.device_get(grads)
 
 
@@ -125,7 +127,8 @@ def test_bad_meshes_are_refused_before_compiling():
         Trainer(config, configuration.validate(config), mesh=sharding.make_mesh((1, 8, 1)))
     config = config_for("top1", 8, (1, 8, 1))
     config.batch_size = 4
-    with pytest.raises(sharding.ShardingError, match="batch_size=4 .* must be divisible by the 8 batch shards"):
+    with pytest.raises(sharding.ShardingError,
+                       match="batch_size=4 .* must be divisible by the 8 batch shards"):
         Trainer(config, configuration.validate(config), mesh=sharding.make_mesh((1, 8, 1)))
     config = config_for("top1", 8)
     config.logical_axis_rules = config.logical_axis_rules[:-1] + (("lenght", None),)
