@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from moe_jax import accounting, configuration, data, train_loop
 from moe_jax.checkpoints import CheckpointError, Checkpointer
-from moe_jax.metrics import MetricsWriter
+from moe_jax.metrics import MetricsWriter, layer_metrics, row_scalars
 from moe_jax.train_loop import Divergence, writing
 from moe_jax.models import generate
 from moe_jax.trainer import Trainer, summarize_eval
@@ -189,7 +189,8 @@ def evaluate_only(config, workdir: str) -> dict:
     state, _, _ = run.restore_or_init()
     result = run.evaluate(state, run.trainer.jit_eval_step())
     run.checkpointer.close()
-    return {"step": step, **{k: float(np.mean(v)) for k, v in result.items()}}
+    scalars, rows, _ = layer_metrics(result, run.moe_every)
+    return {"step": step, **scalars, **row_scalars("", rows)}
 
 
 def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temperature: float,

@@ -41,8 +41,8 @@ def layer_stats(routing: dict[str, dict[str, Any]], moe_every: dict[str, int]) -
     """{stack: {statistic: [units, ...]}} (the step's 'routing' metrics) -> one record per layer and
     statistic, by stack, statistic and layer; the MoE layer of unit u is layer u * period + period - 1."""
     out = []
-    for stack, stats in routing.items():
-        period = moe_every[stack]
+    for stack in (s for s in moe_every if s in routing):  # encoder first (jit returns dicts key-sorted)
+        period, stats = moe_every[stack], routing[stack]
         for name, value in stats.items():
             out += [LayerStat(stack, unit * period + period - 1, name, np.asarray(row))
                     for unit, row in enumerate(np.asarray(value))]
@@ -100,12 +100,12 @@ class _EventFile:
         self._writer.close()
 
 
-def _row_scalars(prefix: str, rows: list[dict]) -> dict[str, float]:
+def row_scalars(prefix: str, rows: list[dict]) -> dict[str, float]:
     """TensorBoard names of the per-layer routing rows:
     '<prefix>/moe/<stack>/layer<i>/<statistic>[/<rank>]'."""
     out = {}
     for row in rows:
-        base = f"{prefix}/moe/{row['stack']}/layer{row['layer']}"
+        base = f"{prefix}/" * bool(prefix) + f"moe/{row['stack']}/layer{row['layer']}"
         for name, value in row.items():
             if name in ("stack", "layer"):
                 continue
@@ -132,7 +132,7 @@ class MetricsWriter:
         scalars, rows, per_expert = layer_metrics(metrics, self.moe_every)
         scalars = {f"{prefix}/{k}": v for k, v in {**scalars, **(extra or {})}.items()}
         if self.enabled:
-            for name, value in {**scalars, **_row_scalars(prefix, rows)}.items():
+            for name, value in {**scalars, **row_scalars(prefix, rows)}.items():
                 self.tb.add_scalar(name, value, step)
             for name, row in per_expert.items():  # x: expert index, count: its tokens
                 experts = np.arange(len(row))
