@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -123,6 +124,32 @@ def execute(experiment: str, run: Run, common: dict, jobs: int) -> dict:
     return result
 
 
+def replay(experiment: str, runs: list[Run], name: str, steps: int) -> float:
+    """Train the first `steps` steps of a committed run again with today's code and compare its
+    training-loss curve with the committed one (the schedules here do not depend on the run's
+    length); returns the largest absolute difference over the logged steps."""
+    run = next((r for r in runs if r.name == name), None)
+    if run is None or not result_path(experiment, run).exists():
+        raise SystemExit(f"[{experiment}] no committed run {name!r} to replay")
+    committed = json.loads(result_path(experiment, run).read_text())
+    common = {**committed["overrides"], "num_train_steps": steps}
+    workdir = WORKDIRS / "replay" / experiment / name
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    proc = subprocess.run(command(dataclasses.replace(run, overrides={}), workdir, common), cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu")),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"replay of {name} failed:\n{proc.stderr[-3000:]}")
+    new = {step: loss for step, loss, _ in collect(run, workdir, common, "", 0.0)["train"]}
+    old = {step: loss for step, loss, _ in committed["train"] if step in new}
+    diff = max(abs(new[s] - old[s]) for s in old)
+    print(f"[{experiment}] replay of {name}: {len(old)} logged steps up to step {steps}, "
+          f"max |train loss - committed| = {diff:.2e}")
+    return diff
+
+
 def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: int,
          partial: bool = False) -> None:
     """Command line of an experiment script: run what is missing, then write its report (partial:
@@ -132,7 +159,12 @@ def main(experiment: str, runs: list[Run], report, *, steps: int, eval_every: in
     parser.add_argument("--steps", type=int, default=steps, help="training steps per run")
     parser.add_argument("--report_only", action="store_true",
                         help="only rewrite the report from saved results")
+    parser.add_argument("--replay", metavar="RUN", help="re-train the first --steps steps of a committed run "
+                        "and compare its training-loss curve with the committed one")
     args = parser.parse_args()
+    if args.replay:
+        replay(experiment, runs, args.replay, args.steps)
+        return
     common = common_overrides(args.steps, min(eval_every, args.steps))
     start = time.perf_counter()
     if not args.report_only:

@@ -121,10 +121,7 @@ def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: 
 
 def stacks(cfg: ModelConfig) -> list[tuple[str, int, int]]:
     """(name, depth, moe_every) of each stack the model has."""
-    stacks = [("decoder", cfg.num_decoder_layers, cfg.decoder_moe_every)]
-    if cfg.kind == "encoder_decoder":
-        stacks.insert(0, ("encoder", cfg.num_encoder_layers, cfg.encoder_moe_every))
-    return stacks
+    return cfg.family.stacks(cfg)
 
 
 def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
@@ -134,7 +131,7 @@ def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
     if not cfg.tie_embeddings:
         groups.append(ParamGroup("embeddings/logits", "embed/logits_kernel", (D, V)))
     if cfg.position == "relative":
-        biases = ("encoder_bias", "decoder_bias") if cfg.kind == "encoder_decoder" else ("position_bias",)
+        biases = cfg.family.position_biases
         groups += [ParamGroup("position biases", f"{b}/embedding", (cfg.relative_buckets, cfg.num_heads))
                    for b in biases]
     for stack, depth, every in stacks(cfg):
@@ -144,7 +141,7 @@ def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
         period = max(every, 1)
         for i in range(period):
             groups += _layer_groups(cfg, f"{stack}/layers/{i}", lead, copies,
-                                    cross=stack == "decoder" and cfg.kind == "encoder_decoder",
+                                    cross=stack == "decoder" and cfg.family.cross_attention,
                                     sparse=every > 0 and i == period - 1)
         groups.append(ParamGroup("norms", f"{stack}/final_norm/scale", (D,)))
     return groups
@@ -254,7 +251,7 @@ def account(cfg: ModelConfig, inputs_length: int, targets_length: int) -> Accoun
     inputs_length: encoder tokens per example (0 for a decoder-only model); targets_length:
     decoder tokens per example. Both enter only the attention FLOPs and soft MoE's group size.
     """
-    encdec = cfg.kind == "encoder_decoder"
+    encdec = "encoder" in cfg.family.streams
     if targets_length < 1 or (inputs_length < 1 if encdec else inputs_length != 0):
         raise AccountingError(f"{cfg.kind} model needs targets_length >= 1 and inputs_length "
                               f"{'>= 1' if encdec else '= 0'}, got {inputs_length}, {targets_length}")

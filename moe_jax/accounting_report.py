@@ -56,7 +56,7 @@ def _tables(config: ml_collections.ConfigDict, acc: Accounting, cfg: ModelConfig
     params.add_row("total", f"{human_count(total)} ({total:,})", "100%", human_count(acc.total_active_params),
                    style="bold")
 
-    encdec = cfg.kind == "encoder_decoder"
+    encdec = "encoder" in cfg.family.streams
     flops = Table(title="Forward FLOPs per token and per example (training = 3 x forward)")
     columns = ["part", *(["input token"] if encdec else []), "target token" if encdec else "token",
                f"example ({acc.tokens_per_example} tokens)"]

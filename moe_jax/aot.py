@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -57,16 +56,10 @@ def parse_accelerator_type(name: str) -> tuple[str, int, float]:
 
 def abstract_batch(trainer: Trainer, config) -> dict:
     """Shapes of one global batch of the config's objective, laid out over the batch shards."""
-    B = config.batch_size
-    dec_len = data_options.plan(config).targets_len
-    shapes = {name: (B, dec_len) for name in ("decoder_input_tokens", "decoder_target_tokens",
-                                              "decoder_segment_ids", "decoder_positions",
-                                              "decoder_loss_weights")}
-    if trainer.model_cfg.kind == "encoder_decoder":
-        shapes.update({name: (B, config.seq_len) for name in ("encoder_input_tokens", "encoder_segment_ids",
-                                                               "encoder_positions")})
-    return {name: jax.ShapeDtypeStruct(shape, jnp.float32 if name.endswith("weights") else jnp.int32,
-                                       sharding=trainer.batch_sharding) for name, shape in shapes.items()}
+    plan = data_options.plan(config)
+    shapes = trainer.model_cfg.family.feature_shapes(config.batch_size, plan.inputs_len, plan.targets_len)
+    return {name: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=trainer.batch_sharding)
+            for name, (shape, dtype) in shapes.items()}
 
 
 def per_device_bytes(abstract_tree) -> int:

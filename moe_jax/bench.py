@@ -46,7 +46,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import configuration
+from moe_jax import configuration, validation
 from moe_jax.experts import FeedForward, is_gated
 from moe_jax.moe_config import MoEConfig
 from moe_jax.moe_layer import MoELayer
@@ -253,18 +253,16 @@ def synthetic_batch(trainer, config, seed: int = 0) -> dict:
 
     plan = data_options.plan(config)
     rng = np.random.default_rng(seed)
-    B, V = config.batch_size, config.model.vocab_size
-
-    def stream(prefix: str, length: int) -> dict:
-        return {f"{prefix}_segment_ids": np.ones((B, length), np.int32),
-                f"{prefix}_positions": np.tile(np.arange(length, dtype=np.int32), (B, 1)),
-                f"{prefix}_input_tokens": rng.integers(1, V, (B, length), dtype=np.int32)}
-
-    batch = stream("decoder", plan.targets_len)
-    batch.update(decoder_target_tokens=rng.integers(1, V, (B, plan.targets_len), dtype=np.int32),
-                 decoder_loss_weights=np.ones((B, plan.targets_len), np.float32))
-    if trainer.model_cfg.kind == "encoder_decoder":
-        batch.update(stream("encoder", plan.inputs_len))
+    V = config.model.vocab_size
+    batch = {}
+    for name, (shape, dtype) in trainer.model_cfg.family.feature_shapes(
+            config.batch_size, plan.inputs_len, plan.targets_len).items():
+        if name.endswith("_tokens"):  # inputs and targets: random ids
+            batch[name] = rng.integers(1, V, shape, dtype=np.int32)
+        elif name.endswith("_positions"):  # [B, L]: 0 .. L - 1 in every row
+            batch[name] = np.tile(np.arange(shape[1], dtype=np.int32), (shape[0], 1))
+        else:  # segment ids and loss weights: one unpadded example per row
+            batch[name] = np.ones(shape, dtype)
     return batch
 
 
@@ -310,18 +308,8 @@ class TrainBench:
 def config_name(flag: str) -> str:
     name = config_flags.get_config_filename(_FLAGS[flag])
     overrides = config_flags.get_override_values(_FLAGS[flag])
-    flat = [f"{k}={v}" for k, v in sorted(_flatten(overrides).items())]
+    flat = [f"{k}={v}" for k, v in sorted(validation.flatten(overrides).items())]
     return " ".join([name] + flat)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def run_train() -> None:

@@ -19,6 +19,8 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from moe_jax import validation
+
 # Fields a resumed run may change: how long and how often, never what is trained or on what.
 # The mesh only places the same computation on devices, so a run may resume on another one.
 RUN_CONTROL_FIELDS = ("num_train_steps", "eval_every_steps", "num_eval_steps", "checkpoint_every_steps",
@@ -35,21 +37,11 @@ def _reason(error: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + " ..."
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
-
-
 def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:
     """'field: saved -> current' for every field that matters to what is trained. The cosine
     schedule's horizon is num_train_steps, so under it a resumed run may not change that field
     (the rate at every later step would move); rsqrt and constant do not depend on it."""
-    a, b = _flatten(saved), _flatten(json.loads(current.to_json()))
+    a, b = validation.flatten(saved), validation.flatten(json.loads(current.to_json()))
     free = set(RUN_CONTROL_FIELDS)
     if "cosine" in (a.get("schedule"), b.get("schedule")):
         free.discard("num_train_steps")

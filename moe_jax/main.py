@@ -57,11 +57,7 @@ class Run:
         self.tokenizer = data.get_tokenizer(config)
         self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
         self.checkpointer.check_compatible(config)
-        self.moe_every = {}
-        if self.model_cfg.kind == "encoder_decoder" and self.model_cfg.encoder_moe_every:
-            self.moe_every["encoder"] = self.model_cfg.encoder_moe_every
-        if self.model_cfg.decoder_moe_every:
-            self.moe_every["decoder"] = self.model_cfg.decoder_moe_every
+        self.moe_every = self.model_cfg.family.moe_every(self.model_cfg)
         self.is_writer = jax.process_index() == 0
         self.params_finite = jax.jit(lambda params: jnp.all(jnp.stack(
             [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)])))
@@ -208,15 +204,8 @@ def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temp
     model = nnx.merge(run.trainer.eval_graphdef, state.params, state.rest)
     tok = run.tokenizer
     # An encoder-decoder trained on span corruption fills the prompt's <extra_id_N> spans.
-    encoded = [tok.encode(p, sentinels=True)
-               + ([tok.eos_id] if run.model_cfg.kind == "encoder_decoder" else [])
-               for p in prompts]
-    width = max(len(e) for e in encoded)
-    # Decoder-only prompts are left-padded (see moe_jax.models.decoding); encoder inputs right-padded.
-    left = run.model_cfg.kind == "decoder"
-    rows = [[0] * (width - len(e)) + e if left else e + [0] * (width - len(e)) for e in encoded]
-    valid = [[0] * (width - len(e)) + [1] * len(e) if left else [1] * len(e) + [0] * (width - len(e))
-             for e in encoded]
+    encoded = [tok.encode(p, sentinels=True) for p in prompts]
+    rows, valid = run.model_cfg.family.prompt_rows(encoded, tok.eos_id)
     out = generate(model, jnp.asarray(rows, jnp.int32), jnp.asarray(valid, bool),
                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                    rng=jax.random.PRNGKey(config.seed))

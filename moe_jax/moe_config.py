@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moe_jax import routers
+from moe_jax import routers, validation
 from moe_jax.dispatch import STRATEGIES
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.routing.capacity import CAPACITY_FORMULAS, CAPACITY_ROUNDINGS, FILL_ORDERS
@@ -58,33 +58,20 @@ class MoEConfig:
     num_shared_experts: int = 0  # DeepSeekMoE always-on experts, each of width d_ff
 
     def __post_init__(self):
-        def choice(field, allowed):
-            value = getattr(self, field)
-            if value not in allowed:
-                raise ValueError(f"moe.{field} must be one of {allowed}, got {value!r}")
-
-        def integer(field, low):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"moe.{field} must be an int >= {low}, got {value!r}")
-
         kind = routers.get(self.router)
         self._refuse_ignored_options(kind)
-        choice("activation", ACTIVATIONS)
-        choice("capacity_formula", CAPACITY_FORMULAS)
-        choice("capacity_rounding", CAPACITY_ROUNDINGS)
-        choice("order", FILL_ORDERS)
-        choice("second_choice", SECOND_CHOICE_POLICIES)
-        choice("dispatch", DISPATCHES)
-        choice("router_dtype", ROUTER_DTYPES)
+        for field, allowed in (("activation", ACTIVATIONS), ("capacity_formula", CAPACITY_FORMULAS),
+                               ("capacity_rounding", CAPACITY_ROUNDINGS), ("order", FILL_ORDERS),
+                               ("second_choice", SECOND_CHOICE_POLICIES), ("dispatch", DISPATCHES),
+                               ("router_dtype", ROUTER_DTYPES)):
+            validation.choice("moe", field, getattr(self, field), allowed)
         for field, low in (("num_experts", 1), ("k", 1), ("d_ff", 1), ("min_capacity", 0),
                            ("capacity_multiple_of", 1), ("group_size", 0), ("num_expert_groups", 1),
                            ("k_groups", 1), ("soft_slots_per_expert", 1), ("num_shared_experts", 0)):
-            integer(field, low)
+            validation.integer("moe", field, getattr(self, field), low)
         for field in ("train_capacity_factor", "eval_capacity_factor", "router_init_scale", "jitter_eps",
                       "bias_update_rate", "routed_scaling_factor", "expert_dropout"):
-            if isinstance(getattr(self, field), bool) or not isinstance(getattr(self, field), (int, float)):
-                raise ValueError(f"moe.{field} must be a number, got {getattr(self, field)!r}")
+            validation.number("moe", field, getattr(self, field))
         if not 0 <= self.expert_dropout < 1 or not 0 <= self.jitter_eps < 1:
             raise ValueError(f"moe.expert_dropout and moe.jitter_eps must be in [0, 1), "
                              f"got {self.expert_dropout}, {self.jitter_eps}")

@@ -36,16 +36,6 @@ class TrainState:
     opt_state: Any
 
 
-def model_inputs(kind: str, batch: dict) -> tuple[tuple, dict]:
-    """Positional and keyword arguments of the model's __call__ from a batch of T5X features."""
-    dec = dict(segment_ids=batch["decoder_segment_ids"], positions=batch["decoder_positions"])
-    if kind == "decoder":
-        return (batch["decoder_input_tokens"],), dec
-    return (batch["encoder_input_tokens"], batch["decoder_input_tokens"]), dict(
-        input_segment_ids=batch["encoder_segment_ids"], input_positions=batch["encoder_positions"],
-        decoder_segment_ids=dec["segment_ids"], decoder_positions=dec["positions"])
-
-
 def routing_metrics(moe_aux: dict[str, MoEAux | None]) -> dict[str, dict]:
     """{'routing': {stack: {statistic: [units, ...]}}}: each stack's statistics and per-layer losses,
     with a leading [units] axis (moe_jax.metrics.layer_stats turns them into per-layer records)."""
@@ -150,7 +140,7 @@ class Trainer:
 
     def _forward(self, graphdef, params, rest, batch):
         model = nnx.merge(graphdef, params, rest, copy=True)
-        args, kwargs = model_inputs(self.model_cfg.kind, batch)
+        args, kwargs = self.model_cfg.family.model_inputs(batch)
         logits, aux = model(*args, **kwargs)
         return logits, aux, nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
 

@@ -44,7 +44,8 @@ assert dropped > 0  # expert 0 overflowed"""),
     new_markdown_cell("""## The dispatch tensor
 The one-hot einsum strategy (GShard, Flaxformer) builds a `[G, S, E, C]` mask: token s goes to
 slot c of expert e. The index strategy gathers the same rows without building it."""),
-    new_code_cell("""mask = jax.nn.one_hot(d.expert_index, E) [..., None] * jax.nn.one_hot(d.position, capacity)[..., None, :]
+    new_code_cell("""# [G, S, K, E, 1] x [G, S, K, 1, C] -> [G, S, K, E, C]
+mask = jax.nn.one_hot(d.expert_index, E)[..., None] * jax.nn.one_hot(d.position, capacity)[..., None, :]
 mask = mask.sum(2)[0]          # [S, E, C]
 fig, ax = plt.subplots(figsize=(6, 4))
 ax.imshow(mask.reshape(S, E * capacity), cmap="Greys", aspect="auto")
@@ -59,12 +60,13 @@ GShard), so second choices are dropped first. A larger capacity factor drops few
     cap = routing.compute_capacity(S, E, k=2, capacity_factor=cf)
     d2 = routing.tokens_choose(logits, k=2, capacity=cap)
     per_rank = np.asarray((d2.position[0] < 0).mean(0))
-    print(f"cf {cf}: capacity {cap}, dropped first choices {per_rank[0]:.2f}, second choices {per_rank[1]:.2f}")"""),
+    print(f"cf {cf}: capacity {cap}, dropped first choices {per_rank[0]:.2f}, "
+          f"second choices {per_rank[1]:.2f}")"""),
     new_markdown_cell("""## The layer and its statistics
 The MoE layer groups tokens, routes in float32, dispatches, runs the experts and combines. Its
 statistics are what a researcher watches for expert collapse."""),
-    new_code_cell("""layer = MoELayer(MoEConfig(num_experts=8, k=1, d_ff=64, train_capacity_factor=1.0), d_model=32,
-                 rngs=nnx.Rngs(0))
+    new_code_cell("""cfg = MoEConfig(num_experts=8, k=1, d_ff=64, train_capacity_factor=1.0)
+layer = MoELayer(cfg, d_model=32, rngs=nnx.Rngs(0))
 x = jax.random.normal(jax.random.PRNGKey(1), (8, 64, 32))       # [B, L, D]
 y, aux = layer(x)
 for name, value in aux.stats.items():
@@ -116,13 +118,14 @@ for name, runs in results.items():
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     plt.show()"""),
-    new_code_cell("""# The gain against training tokens: each Switch model's eval loss minus the dense twin's, seed means
-# (below zero: Switch ahead). Tokens: 16 sequences of 128 encoder tokens per step.
+    new_code_cell("""# The gain against training tokens: each Switch model's eval loss minus the dense twin's,
+# seed means (below zero: Switch ahead). Tokens: 16 sequences of 128 encoder tokens per step.
 if "scaling_experts" in results:
     g = groups(results["scaling_experts"])
     def mean_curve(rs):
         steps = [s for s, _, _ in rs[0]["eval"]]
-        return np.array(steps), np.mean([[l for _, l, _ in r["eval"]] for r in rs if len(r["eval"]) == len(steps)], 0)
+        full = [[l for _, l, _ in r["eval"]] for r in rs if len(r["eval"]) == len(steps)]
+        return np.array(steps), np.mean(full, 0)
     steps, dense = mean_curve(g["dense"])
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for name, rs in g.items():
@@ -130,7 +133,8 @@ if "scaling_experts" in results:
             s, curve = mean_curve(rs)
             ax.plot(s * 16 * 128 / 1e6, curve - dense[: len(curve)], marker="o", ms=3, label=name)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(xlabel="training tokens (millions, encoder side)", ylabel="eval loss - dense", title="gain over dense")
+    ax.set(xlabel="training tokens (millions, encoder side)", ylabel="eval loss - dense",
+           title="gain over dense")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     plt.show()"""),

@@ -93,8 +93,14 @@ def tokens_choose_loops(logits: np.ndarray, k: int, capacity, *, order="rank_maj
 
 
 def _router_probs(params, xg, cfg):
-    """Differentiable router probabilities: [G, S, E] (and the hierarchical factors)."""
+    """Differentiable router probabilities: [G, S, E] (and the hierarchical factors). With
+    params['noise'] (standard normal draws [G, S, E]) the noisy top-k router's training logits:
+    clean + (softplus(x W_noise) + 0.01) * noise (Shazeer et al. 2017)."""
     logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), params["kernel"])
+    if "noise" in params:
+        noise_logits = jnp.einsum("gsd,de->gse", xg.astype(jnp.float32), params["noise_kernel"])
+        std = jax.nn.softplus(noise_logits) + 1e-2
+        logits = logits + std * params["noise"]
     if cfg.router != "hierarchical":
         return jax.nn.softmax(logits, -1), None, None
     G, S, E = logits.shape

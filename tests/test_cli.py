@@ -74,7 +74,8 @@ def test_training_writes_checkpoints_metrics_events_and_a_summary(trained):
     for r in records:
         assert np.isfinite(r["train/loss"])
         # one routing record per MoE layer, carrying its stack and layer index
-        assert [(row["stack"], row["layer"]) for row in r["train/routing"]] == [("encoder", 1), ("decoder", 1)]
+        layers = [(row["stack"], row["layer"]) for row in r["train/routing"]]
+        assert layers == [("encoder", 1), ("decoder", 1)]
         assert all(np.isfinite(row["router_entropy"]) for row in r["train/routing"])
         assert ("eval/loss" in r) == (r["step"] % 3 == 0), r["step"]  # evaluated at steps 3 and 6
     assert records[-1]["train/loss"] < records[0]["train/loss"]

@@ -188,6 +188,18 @@ def test_lm_batches(data_dir, tok):
     assert (np.stack([b["decoder_segment_ids"] for b in batches]) > 0).mean() > 0.9  # packing fills rows
 
 
+@pytest.mark.parametrize("make", [make_config, lm_config], ids=["span_corruption", "lm"])
+def test_the_family_declares_the_batches_the_pipeline_makes(data_dir, tok, make):
+    """model.kind's family (moe_jax.models.families) is what the compile check and the benchmarks
+    shape their batches by: it must be exactly what the data pipeline yields."""
+    config = make(data_dir)
+    family = configuration.validate(config).family
+    plan = options.plan(config)
+    batch = next(data.train_iterator(config, tok))
+    declared = family.feature_shapes(config.batch_size, plan.inputs_len, plan.targets_len)
+    assert {k: (v.shape, v.dtype.name) for k, v in batch.items()} == declared
+
+
 def test_span_corruption_batches_reconstruct_the_text(data_dir, tok):
     source = sources.open_split("default", "train", str(data_dir), "text", split_field="data.train_split",
                                 max_files=MAX_FILES)

@@ -28,9 +28,12 @@ CASES = {
     "hierarchical": dict(router="hierarchical", num_expert_groups=2, k_groups=2, k=1,
                          train_capacity_factor=0.75),
     "noisy_top_k_eval": dict(router="noisy_top_k", k=2, train_capacity_factor=1.0, eval_capacity_factor=0.75),
+    "noisy_top_k_train": dict(router="noisy_top_k", k=2, train_capacity_factor=0.75, order="token_major"),
 }
+NOISE_KEY = jax.random.PRNGKey(5)  # the noisy router's training draw, given to the layer and the reference
 DROPPING = ("switch_top1_drops", "top2_rank_major", "top2_token_major_renorm", "top2_bpr",
-            "top1_tokens_formula_groups", "hierarchical", "noisy_top_k_eval", "shared_experts")
+            "top1_tokens_formula_groups", "hierarchical", "noisy_top_k_eval", "noisy_top_k_train",
+            "shared_experts")
 # Every dispatch strategy the router supports; a router with its own path (soft MoE) runs it under 'auto'.
 PARAMS = [(name, d) for name, opts in CASES.items()
           for d in (routers.get(opts["router"]).dispatches or ("auto",))]
@@ -43,6 +46,8 @@ def reference_params(layer: MoELayer) -> dict:
         p["group_kernel"] = layer.router.group_kernel[...]
     if hasattr(layer.router, "scale"):
         p["scale"] = layer.router.scale[...]
+    if hasattr(layer.router, "noise_kernel") and not layer.deterministic:
+        p["noise_kernel"] = layer.router.noise_kernel[...]
     if layer.shared is not None:
         p["shared_wi"] = [w[...] for w in layer.shared.wi]
         p["shared_wo"] = layer.shared.wo[...]
@@ -69,12 +74,16 @@ def test_layer_equals_reference(name, strategy):
     layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
     if name.endswith("_eval"):
         layer.eval()
+    if name == "noisy_top_k_train":  # the router draws its noise from this key
+        layer.router.rng = lambda: NOISE_KEY
     x = jax.random.normal(jax.random.PRNGKey(1), (B, L, D))
     probe = jax.random.normal(jax.random.PRNGKey(2), (B, L, D))  # random cotangent
 
     S = cfg.group_size or L
     capacity = layer.capacity(S)
     params = reference_params(layer)
+    if "noise_kernel" in params:
+        params["noise"] = jax.random.normal(NOISE_KEY, (B * L // S, S, E))
     decision = reference.decide(params, x, cfg, capacity)
     graphdef, state, rest = nnx.split(layer, nnx.Param, ...)
 
@@ -101,6 +110,7 @@ def test_layer_equals_reference(name, strategy):
         assert float(aux.stats["dropped_fraction"]) == 0
     np.testing.assert_allclose(g_x, g_x_ref, rtol=1e-4, atol=1e-5)
     flat_layer = jax.tree.leaves(layer_params_as_reference(g_state, layer))
+    g_ref.pop("noise", None)  # the drawn noise is an input, not a parameter
     flat_ref = jax.tree.leaves(g_ref)
     assert len(flat_layer) == len(flat_ref)
     for a, b in zip(flat_layer, flat_ref):

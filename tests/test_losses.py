@@ -1,4 +1,6 @@
 """Auxiliary losses: Switch balancing loss, ST-MoE z-loss, noisy top-k losses."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,3 +84,33 @@ def test_noisy_top_k_losses():
 def test_cv_squared():
     np.testing.assert_allclose(losses.cv_squared(jnp.array([1.0, 1.0, 1.0])), 0.0, atol=1e-7)
     np.testing.assert_allclose(losses.cv_squared(jnp.array([0.0, 2.0])), 1.0, rtol=1e-6)  # var 1, mean 1
+
+
+def test_noisy_top_k_balance_loss_is_shazeers_estimator():
+    """Shazeer et al. 2017 (App. A), by loops: importance_e = sum of the gates (softmax over the k
+    largest noisy logits), load_e = sum over tokens of Phi((clean_e - kth_excluding_e) / std_e), where
+    kth_excluding_e is the k-th largest noisy logit among the other experts; loss = CV^2 + CV^2."""
+    G, S, E, k = 2, 6, 5, 2
+    clean = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (G, S, E)), np.float64)
+    noise_logits = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (G, S, E)), np.float64)
+    rng = jax.random.PRNGKey(2)
+    d = routing.noisy_tokens_choose(jnp.asarray(clean, jnp.float32), jnp.asarray(noise_logits, jnp.float32),
+                                    k=k, capacity=None, rng=rng)
+    std = np.log1p(np.exp(noise_logits)) + 1e-2  # softplus + the noise floor
+    noisy = clean + std * np.asarray(jax.random.normal(rng, (G, S, E)), np.float64)
+
+    def cv2(x):
+        return np.var(x) / np.mean(x) ** 2
+
+    total = 0.0
+    for g in range(G):
+        importance, load = np.zeros(E), np.zeros(E)
+        for s in range(S):
+            top = sorted(range(E), key=lambda e: -noisy[g, s, e])[:k]
+            z = np.exp(noisy[g, s, top] - noisy[g, s, top].max())
+            importance[top] += z / z.sum()
+            for e in range(E):
+                kth_other = sorted((noisy[g, s, o] for o in range(E) if o != e), reverse=True)[k - 1]
+                load[e] += 0.5 * (1 + math.erf((clean[g, s, e] - kth_other) / std[g, s, e] / math.sqrt(2)))
+        total += cv2(importance) + cv2(load)
+    np.testing.assert_allclose(d.balance_loss, total / G, rtol=2e-4)

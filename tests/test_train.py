@@ -28,7 +28,8 @@ def small_config(name="switch_tiny", **top):
 def synthetic_batch(config, seed=0):
     rng = np.random.default_rng(seed)
     B, Li = config.batch_size, config.seq_len
-    Lt = config.target_seq_len if config.model.kind == "encoder_decoder" else config.seq_len  # an LM: seq_len
+    # an LM's targets are seq_len long
+    Lt = config.target_seq_len if config.data.objective == "span_corruption" else config.seq_len
     weights = np.ones((B, Lt), np.float32)
     weights[:, -2:] = 0  # some padding in the targets
     batch = dict(decoder_input_tokens=rng.integers(1, V, (B, Lt)),
@@ -36,7 +37,7 @@ def synthetic_batch(config, seed=0):
                  decoder_segment_ids=np.ones((B, Lt), np.int32),
                  decoder_positions=np.tile(np.arange(Lt), (B, 1)),
                  decoder_loss_weights=weights)
-    if config.model.kind == "encoder_decoder":
+    if config.data.objective == "span_corruption":
         batch.update(encoder_input_tokens=rng.integers(1, V, (B, Li)),
                      encoder_segment_ids=np.ones((B, Li), np.int32),
                      encoder_positions=np.tile(np.arange(Li), (B, 1)))

@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from moe_jax import validation
 from moe_jax.data import objectives
+from moe_jax.models import families
 
-OBJECTIVES = {"lm": "decoder", "span_corruption": "encoder_decoder"}  # objective -> model.kind
+# objective -> the model.kind that trains with it
+OBJECTIVES = dict(sorted((family.objective, kind) for kind, family in families.FAMILIES.items()))
 # TFDS names: name[/config][:version], e.g. c4/en:3.1.0, lm1b, wiki40b/en.
 TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+\.[0-9*]+\.[0-9*]+)?")
 
@@ -25,12 +28,6 @@ class Plan:
     targets_len: int  # decoder length
     raw_len: int  # raw tokens per example before corruption (lm: = targets_len)
     per_host_batch: int
-
-
-def _int(field: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{field} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def plan(config, process_count: int = 1) -> Plan:
@@ -53,17 +50,18 @@ def plan(config, process_count: int = 1) -> Plan:
             raise ValueError(f"data.{field} must be a string ('' for the default), got {d[field]!r}")
     if not isinstance(d.packing, bool):
         raise ValueError(f"data.packing must be True or False, got {d.packing!r}")
-    _int("data.num_workers", d.num_workers, 0)
-    _int("data.corpus_max_files", d.corpus_max_files, 0)
-    _int("data.spm_vocab_size", d.spm_vocab_size, 260)  # 256 byte pieces + pad, eos, unk, newline
-    _int("data.extra_ids", d.extra_ids, 0)
-    _int("num_eval_steps", config.num_eval_steps, 0)
-    _int("process_count", process_count, 1)
-    batch_size = _int("batch_size", config.batch_size, 1)
+    validation.integer("data", "num_workers", d.num_workers, 0)
+    validation.integer("data", "corpus_max_files", d.corpus_max_files, 0)
+    # 256 byte pieces + pad, eos, unk, newline
+    validation.integer("data", "spm_vocab_size", d.spm_vocab_size, 260)
+    validation.integer("data", "extra_ids", d.extra_ids, 0)
+    validation.integer("", "num_eval_steps", config.num_eval_steps, 0)
+    validation.integer("", "process_count", process_count, 1)
+    batch_size = validation.integer("", "batch_size", config.batch_size, 1)
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts "
                          f"({process_count}): each host loads batch_size // process_count rows")
-    seq_len = _int("seq_len", config.seq_len, 2)
+    seq_len = validation.integer("", "seq_len", config.seq_len, 2)
     if d.objective == "lm":
         if config.target_seq_len:
             raise ValueError(f"target_seq_len={config.target_seq_len} does not apply to data.objective='lm' "
@@ -76,7 +74,7 @@ def plan(config, process_count: int = 1) -> Plan:
         raise ValueError(f"data.mean_noise_span_length must be >= 1, got {d.mean_noise_span_length!r}")
     noise = (d.noise_density, d.mean_noise_span_length)
     needed = objectives.t5_targets_length(seq_len, *noise)
-    targets_len = _int("target_seq_len", config.target_seq_len, 0) or needed
+    targets_len = validation.integer("", "target_seq_len", config.target_seq_len, 0) or needed
     if targets_len < needed:
         raise ValueError(f"target_seq_len={targets_len} is too short for seq_len={seq_len} at "
                          f"data.noise_density={d.noise_density}: span corruption needs >= {needed} "

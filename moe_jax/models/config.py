@@ -12,10 +12,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from moe_jax import validation
 from moe_jax.experts import ACTIVATIONS
+from moe_jax.models import families
 from moe_jax.moe_config import MoEConfig
 
-KINDS = ("encoder_decoder", "decoder")
+KINDS = tuple(families.FAMILIES)
 POSITIONS = ("relative", "rope")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "minimal", "full")  # see models.blocks.remat_policy
@@ -56,29 +58,16 @@ class ModelConfig:
         def fail(field, message):
             raise ValueError(f"model.{field}{'' if message.startswith('=') else ' '}{message}")
 
-        if self.kind not in KINDS:
-            fail("kind", f"must be one of {KINDS}, got {self.kind!r}")
-        if self.position not in POSITIONS:
-            fail("position", f"must be one of {POSITIONS}, got {self.position!r}")
-        if self.activation not in ACTIVATIONS:
-            fail("activation", f"must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if self.dtype not in DTYPES:
-            fail("dtype", f"must be one of {tuple(DTYPES)}, got {self.dtype!r}")
-        if self.remat not in REMAT_POLICIES:
-            fail("remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        for field, allowed in (("kind", KINDS), ("position", POSITIONS), ("activation", ACTIVATIONS),
+                               ("dtype", DTYPES), ("remat", REMAT_POLICIES)):
+            validation.choice("model", field, getattr(self, field), allowed)
         for field in ("vocab_size", "d_model", "num_heads", "d_ff", "num_decoder_layers", "relative_buckets",
                       "relative_max_distance"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                fail(field, f"must be an int >= 1, got {value!r}")
+            validation.integer("model", field, getattr(self, field), 1)
         for field in ("num_kv_heads", "head_dim", "num_encoder_layers", "encoder_moe_every",
                       "decoder_moe_every"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                fail(field, f"must be an int >= 0, got {value!r}")
-        if (isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float))
-                or self.init_scale <= 0):
-            fail("init_scale", f"must be a number > 0, got {self.init_scale!r}")
+            validation.integer("model", field, getattr(self, field), 0)
+        validation.number("model", "init_scale", self.init_scale, above=0)
         if not 0 <= self.dropout_rate < 1:
             fail("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
         if self.head_dim == 0 and self.d_model % self.num_heads:
@@ -88,12 +77,9 @@ class ModelConfig:
             fail("num_kv_heads", f"={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
         if self.position == "rope" and self.head_size % 2:
             fail("head_dim", f"must be even for rotary embeddings, got {self.head_size}")
-        if self.kind == "encoder_decoder" and self.num_encoder_layers < 1:
+        if "encoder" in self.family.streams and self.num_encoder_layers < 1:
             fail("num_encoder_layers", "must be >= 1 for an encoder-decoder model")
-        stacks = [("decoder", self.num_decoder_layers, self.decoder_moe_every)]
-        if self.kind == "encoder_decoder":
-            stacks.append(("encoder", self.num_encoder_layers, self.encoder_moe_every))
-        for name, depth, every in stacks:
+        for name, depth, every in self.family.stacks(self):
             if every and depth % every:
                 fail(f"{name}_moe_every", f"={every} must divide model.num_{name}_layers={depth}: "
                      f"layers are scanned in units of {every} whose last FFN is sparse")
@@ -105,6 +91,10 @@ class ModelConfig:
                 raise ValueError(f"{e} (the decoder stack is causal; in an encoder-decoder model, "
                                  "model.decoder_moe_every=0 keeps such a router "
                                  "in the encoder only)") from None
+
+    @property
+    def family(self) -> families.Family:
+        return families.get(self.kind)
 
     @property
     def kv_heads(self) -> int:

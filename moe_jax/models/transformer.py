@@ -163,5 +163,8 @@ class EncoderDecoder(nnx.Module):
         return self.embed.logits(x), cache
 
 
+MODELS = {"encoder_decoder": EncoderDecoder, "decoder": DecoderOnly}  # model.kind -> its module
+
+
 def build_model(cfg: ModelConfig, *, rngs: nnx.Rngs) -> DecoderOnly | EncoderDecoder:
-    return (EncoderDecoder if cfg.kind == "encoder_decoder" else DecoderOnly)(cfg, rngs=rngs)
+    return MODELS[cfg.kind](cfg, rngs=rngs)
