@@ -119,11 +119,6 @@ def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: 
     return groups
 
 
-def stacks(cfg: ModelConfig) -> list[tuple[str, int, int]]:
-    """(name, depth, moe_every) of each stack the model has."""
-    return cfg.family.stacks(cfg)
-
-
 def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
     """Every parameter array of `build_model(cfg)`, by formula, with the shape it is stored in."""
     D, V = cfg.d_model, cfg.vocab_size
@@ -134,7 +129,7 @@ def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
         biases = cfg.family.position_biases
         groups += [ParamGroup("position biases", f"{b}/embedding", (cfg.relative_buckets, cfg.num_heads))
                    for b in biases]
-    for stack, depth, every in stacks(cfg):
+    for stack, depth, every in cfg.family.stacks(cfg):
         units = depth // max(every, 1)
         # Scanned stacks hold each of a unit's layers once, with a leading [units] axis.
         lead, copies = ((units,), 1) if cfg.scan_layers else ((), units)
@@ -261,7 +256,7 @@ def account(cfg: ModelConfig, inputs_length: int, targets_length: int) -> Accoun
     active = {c: float(n) for c, n in params.items()}
     active["experts"] = 0.0
     lengths = {"encoder": inputs_length, "decoder": targets_length}
-    for stack, depth, every in stacks(cfg):
+    for stack, depth, every in cfg.family.stacks(cfg):
         if every:
             per_token = min(experts_per_token(cfg, cfg.moe.group_size or lengths[stack]), E)
             active["experts"] += depth // every * per_token * expert

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from moe_jax import configuration
-from moe_jax.accounting import (FLOP_CATEGORIES, PARAM_CATEGORIES, Accounting, AccountingError, stacks,
+from moe_jax.accounting import (FLOP_CATEGORIES, PARAM_CATEGORIES, Accounting, AccountingError,
                                 account_config, check_against_model)
 from moe_jax.models.config import ModelConfig
 
@@ -96,7 +96,7 @@ def report(config: ml_collections.ConfigDict, *, check: bool = False,
     if check:
         check_against_model(cfg)
     acc = account_config(config)
-    moe_layers = sum(depth // every for _, depth, every in stacks(cfg) if every)
+    moe_layers = sum(depth // every for _, depth, every in cfg.family.stacks(cfg) if every)
     lengths = (f"{acc.inputs_length} input + {acc.targets_length} target tokens" if acc.inputs_length
                else f"{acc.targets_length} tokens")
     routing = (f"{moe_layers} MoE layers of {cfg.moe.num_experts} experts ({cfg.moe.router}, k={cfg.moe.k})"
