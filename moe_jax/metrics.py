@@ -34,7 +34,12 @@ class LayerStat:
 
     @property
     def key(self) -> str:
-        return f"moe/{self.stack}/layer{self.layer}/{self.name}"
+        return f"{layer_name(self.stack, self.layer)}/{self.name}"
+
+
+def layer_name(stack: str, layer: int) -> str:
+    """The name MoE layer `layer` of `stack` is logged under: 'moe/<stack>/layer<i>'."""
+    return f"moe/{stack}/layer{layer}"
 
 
 def layer_stats(routing: dict[str, dict[str, Any]], moe_every: dict[str, int]) -> list[LayerStat]:
@@ -105,7 +110,7 @@ def row_scalars(prefix: str, rows: list[dict]) -> dict[str, float]:
     '<prefix>/moe/<stack>/layer<i>/<statistic>[/<rank>]'."""
     out = {}
     for row in rows:
-        base = f"{prefix}/" * bool(prefix) + f"moe/{row['stack']}/layer{row['layer']}"
+        base = f"{prefix}/" * bool(prefix) + layer_name(row["stack"], row["layer"])
         for name, value in row.items():
             if name in ("stack", "layer"):
                 continue

@@ -45,6 +45,11 @@ def writing(what: str, checkpointer):
                            f"{checkpointer.latest_step()}), which is intact") from None
 
 
+def writing_metrics(step: "Step", workdir: str, checkpointer):
+    """`writing` for one step's metrics (TensorBoard events and the metrics.jsonl line)."""
+    return writing(f"the metrics of step {step.number} to {workdir}", checkpointer)
+
+
 @dataclasses.dataclass
 class Step:
     """One finished training step, as the hooks see it."""
@@ -115,10 +120,11 @@ class DivergenceCheck(Hook):
 
 def first_bad_layer(metrics: dict, moe_every: dict[str, int]) -> str | None:
     """The first MoE layer (encoder before decoder) whose router statistics are not finite."""
+    stats = layer_stats(metrics.get("routing", {}), moe_every)  # by stack, encoder first
     for stack in moe_every:
         for name in ("z_loss", "router_entropy", "balance_loss"):
-            for stat in layer_stats({stack: metrics.get("routing", {}).get(stack, {})}, moe_every):
-                if stat.name == name and not np.all(np.isfinite(stat.value)):
+            for stat in stats:
+                if (stat.stack, stat.name) == (stack, name) and not np.all(np.isfinite(stat.value)):
                     return f"{stack} layer {stat.layer} ({name} = {stat.value})"
     return None
 
@@ -155,7 +161,7 @@ class Logging(Hook):
         tps = self.tokens_per_step * steps / max(elapsed, 1e-9) if steps else 0.0
         metrics = step.host_metrics()
         # seconds: training time since the first (compiling) step, evaluation excluded
-        with writing(f"the metrics of step {step.number} to {self.workdir}", self.checkpointer):
+        with writing_metrics(step, self.workdir, self.checkpointer):
             scalars = self.writer.write(step.number, "train", metrics,
                                         extra={"tokens_per_sec": tps, "seconds": self.total["time"]},
                                         record=step.record)
@@ -178,7 +184,7 @@ class Evaluation(Hook):
         if not step.every(step.config.eval_every_steps):
             return
         ev = self.evaluate(step.state)
-        with writing(f"the metrics of step {step.number} to {self.workdir}", self.checkpointer):
+        with writing_metrics(step, self.workdir, self.checkpointer):
             scalars = self.writer.write(step.number, "eval", ev, record=step.record)
         self.summary["eval/loss"] = scalars["eval/loss"]
         self.console.print(f"step {step.number}: eval loss {scalars['eval/loss']:.4f}, "
@@ -192,7 +198,7 @@ class Record(Hook):
         self.writer, self.workdir, self.checkpointer = writer, workdir, checkpointer
 
     def after_step(self, step: Step) -> None:
-        with writing(f"the metrics of step {step.number} to {self.workdir}", self.checkpointer):
+        with writing_metrics(step, self.workdir, self.checkpointer):
             self.writer.end_step(step.number, step.record)
 
 
