@@ -20,7 +20,7 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=9.0,<10", "hypothesis>=6.150,<7"],
+    "test": ["pytest>=9.0,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.150,<7"],
     # libtpu for Cloud TPU, and for compiling TPU programs on a CPU machine (moe_jax.aot).
     # gcsfs lets TFDS and the tokenizer read gs:// paths without TensorFlow (Orbax writes gs:// itself).
     # experiments' plots and the notebooks, executed in CI with nbmake.

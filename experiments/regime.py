@@ -20,3 +20,13 @@ OVERRIDES = {**WIDTH, "learning_rate": 0.03, "moe.group_size": 2048}
 DESCRIPTION = "width 64, 2k vocabulary, peak learning rate 0.03, batch-wide routing groups of 2,048 tokens"
 STEPS = 1500
 EVAL_EVERY = 100
+
+# The decoder-only regime, where the second diagnosis stage (experiments/diagnosis_regime.py) found
+# Switch ahead of its dense twin: the same width, vocabulary, learning rate and groups, with a 4-layer
+# decoder-only LM on the same corpus (every position a target) and every FFN sparse in the sparse runs.
+LM = {"model.kind": "decoder", "model.num_encoder_layers": 0, "model.encoder_moe_every": 0,
+      "model.num_decoder_layers": 4, "data.objective": "lm"}
+LM_OVERRIDES = {**OVERRIDES, **LM}
+LM_SPARSE = {"model.decoder_moe_every": 1}
+LM_DENSE = {"model.decoder_moe_every": 0}
+LM_DESCRIPTION = (f"{DESCRIPTION}; a 4-layer decoder-only LM, every FFN sparse in the sparse runs")

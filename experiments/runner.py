@@ -82,6 +82,7 @@ def collect(run: Run, workdir: pathlib.Path, common: dict, error: str, wall: flo
                            if len(train) > 1 else None),
         "dropped_fraction": mean_of("dropped_fraction", last_quarter, "train"),
         "max_mean_load": mean_of("max_mean_load", last_quarter, "train"),
+        "router_entropy": mean_of("router_entropy", last_quarter, "train"),
         "eval_dropped_fraction": mean_of("dropped_fraction", evals[-1:], "eval"),
     }
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import re
 
-from experiments import diagnosis, runner, scaling_experts, top1_vs_top2
+from experiments import diagnosis, diagnosis_regime, headline, runner, scaling_experts, top1_vs_top2
 
 ROOT = runner.ROOT
 # The experiments whose findings the READMEs quote, in reading order.
-EXPERIMENTS = (diagnosis, scaling_experts, top1_vs_top2)
+EXPERIMENTS = (diagnosis, diagnosis_regime, scaling_experts, headline, top1_vs_top2)
 START, END = "<!-- findings:start -->", "<!-- findings:end -->"
 
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from moe_jax import configuration
-from experiments import diagnosis, report, routers, runner, scaling_experts, stability, summary, top1_vs_top2
+from experiments import (diagnosis, diagnosis_regime, headline, report, routers, runner, scaling_experts,
+                         stability, summary, top1_vs_top2)
 
 configuration.make_configs_importable(["x", "--config=configs/switch_tiny.py"])
 
@@ -22,7 +23,8 @@ def apply(config, overrides):
     return config
 
 
-@pytest.mark.parametrize("experiment", [diagnosis, scaling_experts, top1_vs_top2, stability, routers],
+@pytest.mark.parametrize("experiment", [diagnosis, diagnosis_regime, headline, scaling_experts, top1_vs_top2,
+                                        stability, routers],
                          ids=lambda m: m.NAME)
 def test_every_run_of_an_experiment_is_a_valid_config(experiment):
     runs = experiment.runs()
@@ -39,7 +41,8 @@ def test_collect_reads_curves_and_final_figures(tmp_path):
               "train/routing": [{**enc, "dropped_fraction": 0.2, "max_mean_load": 1.5},
                                 {**dec, "dropped_fraction": 0.4}]},
              {"step": 20, "train/loss": 4.0, "train/seconds": 19.0, "train/tokens_per_sec": 100.0,
-              "train/routing": [{**enc, "dropped_fraction": 0.1, "max_mean_load": 1.25},
+              "train/routing": [{**enc, "dropped_fraction": 0.1, "max_mean_load": 1.25,
+                                 "router_entropy": 1.0},
                                 {**dec, "dropped_fraction": 0.3}],
               "eval/loss": 3.5, "eval/accuracy": 0.25, "eval/routing": [{**enc, "dropped_fraction": 0.05}]}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -50,6 +53,7 @@ def test_collect_reads_curves_and_final_figures(tmp_path):
     assert r["tokens_per_sec"] == 100.0
     # last quarter of logs = the last record: (0.1 + 0.3) / 2
     assert r["dropped_fraction"] == pytest.approx(0.2)
+    assert r["router_entropy"] == pytest.approx(1.0)  # the layers that report it
     assert r["max_mean_load"] == pytest.approx(1.25) and r["eval_dropped_fraction"] == pytest.approx(0.05)
 
 

@@ -34,8 +34,9 @@ KERNEL = ("router_dtype", "router_init_scale")  # read by routers with a [D, E] 
 
 
 def project(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """[G, S, D] x [D, ...] -> [G, S, ...] as one [G*S, D] matmul: with two leading axes XLA:CPU
-    transposes x to form the kernel's gradient."""
+    """[G, S, D] x [D, ...] -> [G, S, ...] as one [G*S, D] matmul. Not a backend-specific form: the
+    TPU v5e cost model compiles it and the [G, S, D] einsum to the same program, and XLA:CPU times them
+    within 2% (benchmarks/router_projection.py, recorded in benchmarks/README.md)."""
     G, S, D = x.shape
     out = x.reshape(G * S, D) @ kernel.reshape(D, -1)  # [G*S, D] x [D, E] -> [G*S, E]
     return out.reshape(G, S, *kernel.shape[1:])

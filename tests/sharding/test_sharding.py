@@ -50,8 +50,12 @@ def single_device():
     return get
 
 
-# Every router x E x mesh whose expert axis divides E (the others are refused: see the last test).
-CASES = [(router, E, mesh) for router in ROUTERS for E in (4, 8, 16) for mesh in MESHES if E % mesh[1] == 0]
+# Every router on every mesh with 8 experts (8, 1, 2, 4 and 2 experts per device), and for the
+# token-choice routers 4 experts on 4 expert shards and 16 on 8 (1 and 2 per device, other expert
+# counts). Meshes whose expert axis does not divide E are refused: see the last test.
+OTHER_COUNTS = ((4, (1, 4, 2)), (16, (1, 8, 1)))
+CASES = ([(router, 8, mesh) for router in ROUTERS for mesh in MESHES]
+         + [(router, E, mesh) for router in ("top1", "top2") for E, mesh in OTHER_COUNTS])
 
 
 @pytest.mark.parametrize("router,num_experts,mesh_shape", CASES)
