@@ -16,16 +16,23 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6,<3",
     "rich>=13,<16",
     "absl-py>=2.1,<3",
+    "etils[epath]>=1.15,<2",
     "numpy>=2.0,<3",
 ]
 
+GCS = ["gcsfs>=2026.9,<2027", "google-cloud-storage>=3.17,<4"]
 EXTRAS = {
-    "test": ["pytest>=9.0,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.150,<7"],
-    # libtpu for Cloud TPU, and for compiling TPU programs on a CPU machine (moe_jax.aot).
-    # gcsfs lets TFDS and the tokenizer read gs:// paths without TensorFlow (Orbax writes gs:// itself).
+    # The storage emulator runs the gs:// workdir test (tests/test_gcs.py) against a local server.
+    "test": ["pytest>=9.0,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.150,<7",
+             "gcp-storage-emulator>=2026.7,<2027", *GCS],
+    # gs:// workdirs and data: etils.epath, Orbax's metadata and TFDS reach Cloud Storage through gcsfs,
+    # tensorboardX through google-cloud-storage; Orbax's arrays go through tensorstore (installed with Orbax).
+    "gcs": GCS,
     # experiments' plots and the notebooks, executed in CI with nbmake.
     "notebooks": ["matplotlib>=3.8,<4", "nbmake>=1.5,<2", "ipykernel>=6.29,<8", "nbformat>=5.10,<6"],
-    "tpu": ["jax[tpu]>=0.10.2,<0.11", "gcsfs>=2026.10,<2027"],
+    # libtpu for Cloud TPU, and for compiling TPU programs on a CPU machine (moe_jax.aot); a TPU job's
+    # workdir is a gs:// bucket.
+    "tpu": ["jax[tpu]>=0.10.2,<0.11", *GCS],
 }
 
 setup(

@@ -107,8 +107,8 @@ def write_report(results: list[dict], out) -> None:
                      diagnosis.verdict(dense, sparse, noise)])
     report.plot_curves(groups, out / "eval_loss.png", "diagnosis in the regime")
     table = report.markdown_table(["hypothesis", "changes from the regime (sparse run)", "dense twin",
-                                   "dense", "sparse", "sparse - dense", "router entropy / ln E", "dropped (train)",
-                                   "verdict"], rows)
+                                   "dense", "sparse", "sparse - dense", "router entropy / ln E",
+                                   "dropped (train)", "verdict"], rows)
     (out / "README.md").write_text(f"""# Diagnosis in the regime
 
 Command: `python -m experiments.{NAME}` (results below are what it wrote; the verdicts are computed

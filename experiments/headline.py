@@ -9,7 +9,6 @@ token, and even 2 experts help.
 from __future__ import annotations
 
 from experiments import regime, report, runner, scaling_experts
-from experiments.report import fmt, mean_std
 
 NAME = "headline"
 SEEDS = (0, 1, 2)
@@ -46,20 +45,10 @@ def findings(results: list[dict]) -> list[str]:
 
 
 def write_report(results: list[dict], out) -> None:
-    groups = report.by_group(results)
-    report.plot_curves(groups, out / "eval_loss.png", "Switch in the decoder-only regime: number of experts")
-    rows = []
-    for name, rs in groups.items():
-        ours, dense = (report.final_losses(x) for x in report.common_seeds(rs, groups["dense"]))
-        rows.append([name, len(rs), mean_std(report.final_losses(rs)),
-                     fmt(sum(ours) / len(ours) - sum(dense) / len(dense), "+.4f"),
-                     mean_std([r["final_eval_accuracy"] for r in rs]),
-                     fmt(sum(r["examples_per_sec"] for r in rs) / len(rs), ".1f"),
-                     fmt(sum(r["dropped_fraction"] or 0 for r in rs) / len(rs), ".3f")])
+    report.plot_curves(report.by_group(results), out / "eval_loss.png",
+                       "Switch in the decoder-only regime: number of experts")
     steps = results[0]["overrides"]["num_train_steps"]
-    table = report.markdown_table(["model", "seeds", f"eval loss at step {steps} (mean ± sd)",
-                                   "vs dense (same seeds)", "eval accuracy", "examples/s", "dropped (train)"],
-                                  rows)
+    table = scaling_experts.results_table(results)
     (out / "README.md").write_text(f"""# The headline: Switch against its dense twin, decoder-only
 
 Command: `python -m experiments.{NAME}` (results below are what it wrote).

@@ -81,9 +81,9 @@ def findings(results: list[dict]) -> list[str]:
     return out
 
 
-def write_report(results: list[dict], out) -> None:
+def results_table(results: list[dict]) -> str:
+    """Per group: seeds, final eval loss, its gap to dense over the same seeds, accuracy, speed, drops."""
     groups = report.by_group(results)
-    report.plot_curves(groups, out / "eval_loss.png", "Switch: number of experts")
     rows = []
     for name, rs in groups.items():
         ours, dense = (report.final_losses(x) for x in report.common_seeds(rs, groups["dense"]))
@@ -93,9 +93,15 @@ def write_report(results: list[dict], out) -> None:
                      fmt(sum(r["examples_per_sec"] for r in rs) / len(rs), ".1f"),
                      fmt(sum(r["dropped_fraction"] or 0 for r in rs) / len(rs), ".3f")])
     steps = results[0]["overrides"]["num_train_steps"]
-    table = report.markdown_table(["model", "seeds", f"eval loss at step {steps} (mean ± sd)",
-                                   "vs dense (same seeds)",
-                                   "eval accuracy", "examples/s", "dropped (train)"], rows)
+    return report.markdown_table(["model", "seeds", f"eval loss at step {steps} (mean ± sd)",
+                                  "vs dense (same seeds)",
+                                  "eval accuracy", "examples/s", "dropped (train)"], rows)
+
+
+def write_report(results: list[dict], out) -> None:
+    report.plot_curves(report.by_group(results), out / "eval_loss.png", "Switch: number of experts")
+    steps = results[0]["overrides"]["num_train_steps"]
+    table = results_table(results)
     (out / "README.md").write_text(f"""# Experiment 1: scaling the number of experts
 
 Command: `python -m experiments.{NAME}` (results below are what it wrote).

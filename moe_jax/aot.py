@@ -25,6 +25,9 @@ from moe_jax import configuration, sharding
 from moe_jax.data import options as data_options
 from moe_jax.trainer import Trainer
 
+# Compiling needs no TPU: let libtpu load while another process (a second check, a TPU test) holds
+# /tmp/libtpu_lockfile, instead of refusing and telling the user to reinstall it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 GIB = 1024 ** 3
 # generation -> (topology name prefix, HBM per chip in GiB, TensorCores per chip counted in the type name)
 GENERATIONS = {"v4": ("v4", 32, 2), "v5p": ("v5p", 95, 2), "v5e": ("v5e", 16, 1), "v5litepod": ("v5e", 16, 1),
@@ -85,9 +88,6 @@ def collective_counts(hlo_text: str) -> dict[str, int]:
 def compile_check(config, topology: str) -> dict:
     """Compile config's train step for `topology`; returns the memory and cost report."""
     topo_name, chips, hbm_per_chip = parse_accelerator_type(topology)
-    # Compiling needs no TPU: let libtpu load while another process (a second check, a TPU test) holds
-    # /tmp/libtpu_lockfile, instead of refusing and telling the user to reinstall it.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies  # noqa: PLC0415
 
     try:

@@ -10,7 +10,6 @@ overwritten. Restoring onto other shardings (another mesh) is Orbax's resharding
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from moe_jax import validation
+from moe_jax import paths, validation
 
 # Fields a resumed run may change: how long and how often, never what is trained or on what.
 # The mesh only places the same computation on devices, so a run may resume on another one.
@@ -86,7 +85,7 @@ def gather_host_states(state: Any) -> list:
 
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = paths.resolve(workdir) / "checkpoints"  # a local directory or a gs:// URL
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory, item_names=("state", "data", "config"),

@@ -19,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_jax import accounting, configuration, data, train_loop
+from moe_jax import accounting, configuration, data, paths, train_loop
 from moe_jax.checkpoints import CheckpointError, Checkpointer
 from moe_jax.metrics import MetricsWriter, layer_metrics, row_scalars
 from moe_jax.train_loop import Divergence, writing
@@ -41,8 +42,11 @@ flags.DEFINE_integer("max_new_tokens", 32, "infer: tokens to generate per prompt
 flags.DEFINE_float("temperature", 0.0, "infer: sampling temperature; 0 is greedy.")
 flags.DEFINE_float("top_p", 1.0, "infer: nucleus sampling mass.")
 flags.DEFINE_bool("multihost", False, "Run on every worker of a multi-host slice: call "
-                  "jax.distributed.initialize() first (on Cloud TPU it finds the coordinator and the other "
-                  "hosts itself).")
+                  "jax.distributed.initialize() first (on Cloud TPU and under SLURM it finds the coordinator "
+                  "and the other hosts itself; elsewhere give the three flags below).")
+flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0's coordinator.")
+flags.DEFINE_integer("num_processes", None, "--multihost: how many processes form the job.")
+flags.DEFINE_integer("process_id", None, "--multihost: this process's index, 0 .. num_processes - 1.")
 
 console = Console(stderr=True)
 
@@ -156,14 +160,13 @@ def _train(config, workdir: str, stop: dict) -> dict:
     return summary
 
 
-def _truncate_metrics(path: str, step: int) -> None:
+def _truncate_metrics(path: epath.Path, step: int) -> None:
     """Drop the metrics.jsonl records after `step` (the step resumed from), and a line cut short by a
     kill: the resumed run writes them again, so the file holds each step once, as an uninterrupted
     run's does."""
-    if not os.path.exists(path):
+    if not path.exists():
         return
-    with open(path) as f:
-        lines = f.readlines()
+    lines = path.read_text().splitlines(keepends=True)
     keep = []
     for line in lines:
         try:
@@ -172,9 +175,7 @@ def _truncate_metrics(path: str, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             pass  # a partial line
     if keep != lines:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        paths.write_atomically(path, "".join(keep))
 
 
 def evaluate_only(config, workdir: str) -> dict:
@@ -217,6 +218,26 @@ def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temp
     return texts
 
 
+def _distributed_flags() -> dict:
+    """The explicit process flags given (all three or none), for jax.distributed.initialize."""
+    explicit = {"coordinator_address": _FLAGS.coordinator_address, "num_processes": _FLAGS.num_processes,
+                "process_id": _FLAGS.process_id}
+    given = {k: v for k, v in explicit.items() if v is not None}
+    if given and not _FLAGS.multihost:
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
+    if given and len(given) < len(explicit):
+        missing = ", ".join(f"--{k}" for k in explicit if k not in given)
+        raise app.UsageError(f"--multihost with explicit processes needs {missing} as well")
+    return given
+
+
+def _initialize_distributed(given: dict) -> None:
+    """jax.distributed.initialize, detected (Cloud TPU, SLURM) or from the explicit flags. CPU processes
+    exchange collectives over gloo, XLA:CPU's cross-process transport (the setting is CPU-only)."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**given)
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -226,8 +247,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_without_library_tracebacks)
     sys.unraisablehook = _without_closed_loop_tracebacks
+    processes = _distributed_flags()
     if _FLAGS.multihost:
-        jax.distributed.initialize()
+        _initialize_distributed(processes)
     console.quiet = jax.process_index() != 0  # one host speaks for the job
     if _FLAGS.mode == "train":
         summary = train(config, _FLAGS.workdir)

@@ -16,9 +16,12 @@ import time
 from typing import Any
 
 import numpy as np
+from etils import epath
 from tensorboardX import summary as tb_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+from moe_jax import paths
 
 PER_EXPERT = ("tokens_per_expert", "routed_per_expert")
 
@@ -83,9 +86,10 @@ class _EventFile:
     an error, after which the next writes block forever on its full queue: the job hung.) One file per
     process: a restarted run never truncates the file of the run before it."""
 
-    def __init__(self, directory: str, purge_step: int | None):
-        os.makedirs(directory, exist_ok=True)
-        self._writer = EventsWriter(os.path.join(directory, "events"), filename_suffix=f".{os.getpid()}")
+    def __init__(self, directory: epath.Path, purge_step: int | None):
+        directory.mkdir(parents=True, exist_ok=True)
+        # tensorboardX writes gs:// URLs with google-cloud-storage (STORAGE_EMULATOR_HOST points it elsewhere)
+        self._writer = EventsWriter(os.fspath(directory / "events"), filename_suffix=f".{os.getpid()}")
         if purge_step is not None:  # TensorBoard drops earlier runs' events after this step (a resumed run)
             self._writer.write_event(Event(step=purge_step, wall_time=time.time(),
                                            session_log=SessionLog(status=SessionLog.START)))
@@ -122,12 +126,13 @@ def row_scalars(prefix: str, rows: list[dict]) -> dict[str, float]:
 
 
 class MetricsWriter:
-    def __init__(self, workdir: str, *, enabled: bool, moe_every: dict[str, int],
+    def __init__(self, workdir: str | epath.Path, *, enabled: bool, moe_every: dict[str, int],
                  purge_step: int | None = None):
         """purge_step: the step a resumed run restarts from (TensorBoard then shows its records after it)."""
         self.enabled, self.moe_every = enabled, moe_every
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self.tb = _EventFile(os.path.join(workdir, "tensorboard"), purge_step) if enabled else None
+        workdir = paths.resolve(workdir)
+        self.path = workdir / "metrics.jsonl"
+        self.tb = _EventFile(workdir / "tensorboard", purge_step) if enabled else None
 
     def write(self, step: int, prefix: str, metrics: dict[str, Any], *, extra: dict[str, float] | None = None,
               record: dict | None = None) -> dict[str, float]:
@@ -154,8 +159,7 @@ class MetricsWriter:
 
     def end_step(self, step: int, record: dict) -> None:
         if self.enabled and record:
-            with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, **record}) + "\n")
+            paths.append_line(self.path, json.dumps({"step": step, **record}) + "\n")
             self.tb.flush()
 
     def close(self) -> None:

@@ -13,7 +13,10 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 # One persistent compilation cache for the whole run, inherited by pytest-xdist workers and by the
 # command-line jobs the tests start: tests that build the same tiny models (and the CLI jobs that
 # train, resume and evaluate one) compile each program once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="moe_jax_tests_xla_cache_"))
+# (pytest-xdist names the run in each worker; without it the cache is this process's own.)
+RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", str(os.getpid()))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"moe_jax_tests_xla_cache_{RUN}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # tests/sharding needs 8 emulated devices, fixed when JAX starts: it runs in its own process

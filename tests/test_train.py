@@ -79,7 +79,7 @@ def test_gradient_accumulation_equals_one_big_batch():
         c.moe.train_capacity_factor = 0.0
         c.model.update(dict(kind="decoder", num_encoder_layers=0, encoder_moe_every=0, num_decoder_layers=1,
                             decoder_moe_every=1))
-        c.data.objective = "lm"
+        c.data.objective, c.target_seq_len = "lm", 0
     one, two = (Trainer(config, configuration.validate(config)),
                 Trainer(config2, configuration.validate(config2)))
     state = jax.jit(one.init_state, static_argnums=0)(0)

@@ -24,8 +24,10 @@ import sys
 import sysconfig
 import tokenize
 
+import jax
 import tensorflow_datasets as tfds
 from etils import epath
+from jax.experimental import multihost_utils
 
 VALIDATION_PERCENT = 5
 PIECE_CHARS = 2000
@@ -143,9 +145,17 @@ class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str | None, max_files: int = 0) -> StdlibCorpus:
-    """The prepared corpus builder: built on first use (array_record files), reused afterwards."""
+    """The prepared corpus builder: built on first use (array_record files), reused afterwards. In a
+    multi-process job process 0 builds it while the others wait, so that no two build one data_dir."""
     config = builder_config(max_files) if max_files else PYTHON_TAG  # a registered config goes by name
-    builder = StdlibCorpus(config=config, data_dir=data_dir or None, file_format="array_record")
-    if not builder.is_prepared():
-        builder.download_and_prepare()
-    return builder
+
+    def builder() -> StdlibCorpus:
+        return StdlibCorpus(config=config, data_dir=data_dir or None, file_format="array_record")
+    first = builder()
+    if jax.process_count() == 1 or jax.process_index() == 0:
+        if not first.is_prepared():
+            first.download_and_prepare()
+    if jax.process_count() == 1:
+        return first
+    multihost_utils.sync_global_devices("moe_jax: stdlib corpus prepared")
+    return builder()  # sees the files process 0 wrote

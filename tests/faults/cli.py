@@ -16,6 +16,9 @@ import sys
 import time
 
 import numpy as np
+from etils import epath
+
+from moe_jax import paths
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # Wall-clock fields of metrics.jsonl: they differ between any two runs.
@@ -196,7 +199,7 @@ def wait_until(condition, job: Job | None = None, timeout: float = 300, poll: fl
 
 def metrics(workdir: os.PathLike) -> list[dict]:
     """metrics.jsonl's records (a line cut short at the end is skipped, as a resumed run drops it)."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = epath.Path(workdir) / "metrics.jsonl"  # a local directory or a gs:// URL
     records = []
     if path.exists():
         for line in path.read_text().splitlines():
@@ -247,10 +250,16 @@ def flat_arrays(tree) -> dict[str, np.ndarray]:
 
 def checkpoint_arrays(workdir: os.PathLike, step: int) -> dict[str, np.ndarray]:
     """Every array of the train state in a checkpoint (parameters, optimiser state, RNG state), by path."""
+    import jax  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
-    return flat_arrays(ocp.StandardCheckpointer().restore(pathlib.Path(workdir, "checkpoints", str(step),
-                                                                       "state").resolve()))
+    path = paths.resolve(workdir) / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    # Onto this process's first device, whatever mesh and processes wrote it.
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one),
+                          checkpointer.metadata(path).item_metadata)
+    return flat_arrays(checkpointer.restore(path, target))
 
 
 def assert_same_arrays(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
