@@ -149,13 +149,12 @@ def prepare(data_dir: str | None, max_files: int = 0) -> StdlibCorpus:
     multi-process job process 0 builds it while the others wait, so that no two build one data_dir."""
     config = builder_config(max_files) if max_files else PYTHON_TAG  # a registered config goes by name
 
-    def builder() -> StdlibCorpus:
+    def make() -> StdlibCorpus:
         return StdlibCorpus(config=config, data_dir=data_dir or None, file_format="array_record")
-    first = builder()
-    if jax.process_count() == 1 or jax.process_index() == 0:
-        if not first.is_prepared():
-            first.download_and_prepare()
-    if jax.process_count() == 1:
-        return first
-    multihost_utils.sync_global_devices("moe_jax: stdlib corpus prepared")
-    return builder()  # sees the files process 0 wrote
+    builder = make()
+    if jax.process_index() == 0 and not builder.is_prepared():
+        builder.download_and_prepare()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("moe_jax: stdlib corpus prepared")
+        builder = make()  # sees the files process 0 wrote
+    return builder
