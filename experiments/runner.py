@@ -37,6 +37,7 @@ class Run:
     config: str  # a file under configs/
     overrides: dict  # config field -> value, as --config.<field>=<value>
     group: str = ""  # runs of one group differ only by seed; reports average over it
+    same_as: str = ""  # "<experiment>/<run>": another experiment's run of this config and seed, reused
 
 
 def common_overrides(steps: int, eval_every: int) -> dict:
@@ -88,7 +89,22 @@ def collect(run: Run, workdir: pathlib.Path, common: dict, error: str, wall: flo
 
 
 def result_path(experiment: str, run: Run) -> pathlib.Path:
+    if run.same_as:
+        experiment, name = run.same_as.split("/")
+        return RESULTS / experiment / "runs" / f"{name}.json"
     return RESULTS / experiment / "runs" / f"{run.name}.json"
+
+
+def _load(path: pathlib.Path, run: Run) -> dict:
+    """A saved result under this run's name (a shared run keeps the name of its source in same_as)."""
+    result = json.loads(path.read_text())
+    if run.same_as:
+        common = common_overrides(1, 1)
+        own = {k: v for k, v in result["overrides"].items() if k not in common or k in run.overrides}
+        if own != run.overrides or result["config"] != run.config:
+            raise SystemExit(f"run {run.name}: {run.same_as} was made with another config; drop same_as")
+        result = {**result, "name": run.name, "group": run.group or run.name, "same_as": run.same_as}
+    return result
 
 
 def load_results(experiment: str, runs: list[Run], partial: bool = False) -> list[dict] | None:
@@ -97,13 +113,16 @@ def load_results(experiment: str, runs: list[Run], partial: bool = False) -> lis
     present = [p for p in (result_path(experiment, r) for r in runs) if p.exists()]
     if not present or (len(present) < len(runs) and not partial):
         return None
-    return [json.loads(p.read_text()) for p in present]
+    return [_load(result_path(experiment, r), r) for r in runs if result_path(experiment, r).exists()]
 
 
 def execute(experiment: str, run: Run, common: dict, jobs: int) -> dict:
     out = result_path(experiment, run)
     if out.exists():
-        return json.loads(out.read_text())
+        return _load(out, run)
+    if run.same_as:
+        raise SystemExit(f"run {run.name} reuses {run.same_as}, which has no result: "
+                         "run that experiment first")
     workdir = WORKDIRS / experiment / run.name
     workdir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"),
