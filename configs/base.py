@@ -65,6 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
         packing=True,  # several examples per row, with segment ids and positions
         # grain worker processes (0: this process); the batch order depends on it: resume alike
         num_workers=0,
+        # document shards of every batch, each packed into batch_size // shards rows and read by one
+        # host; a fixed N (dividing batch_size, a multiple of the host count) gives the same batches
+        # on any number of hosts, and checkpoints that resume on another host count. 0: one per host.
+        shards=0,
         corpus_max_files=0,  # default corpus: 0 = the whole stdlib; N = a fixed subset of N files (tests)
     ))
 

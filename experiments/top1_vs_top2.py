@@ -108,18 +108,20 @@ def write_report(results: list[dict], out) -> None:
          "max/mean load"], rows)
     (out / "README.md").write_text(f"""# Experiment 2: top-1 vs top-2, capacity factors
 
-Command: `python -m experiments.top1_vs_top2` (results below are what it wrote).
-switch_tiny (8 experts, MoE in every second FFN of encoder and decoder) with top-1 or top-2
+Command: `python -m experiments.{NAME}` (results below are what it wrote).
+The headline's decoder-only model (4 layers, every FFN sparse, 8 experts) with top-1 or top-2
 routing and training capacity factor 1.0, 1.25 or 2.0 (evaluation always 2.0); top-2 fills
 buffers token-major (causal decoder) with its two gates renormalized to sum to 1 (`_renorm`,
 GShard/Mixtral) or kept as probabilities (Flaxformer/V-MoE). `dense` is the FLOP-matched dense
 twin of top-1, `dense_large` a dense model of twice the width (about 3x the FLOPs). Regime:
-{regime.DESCRIPTION} ([experiments/regime.py](../../regime.py)). {steps} steps of 16 sequences,
-seed 0. Examples/s: training throughput on this 2-core CPU, compile excluded, two runs at a time;
-the committed runs shared the machine with test suites for part of their time, so examples/s and
-the seconds-to-threshold column compare the runs only roughly (quality per step is unaffected). Dropped:
-fraction of routed assignments beyond capacity, mean over MoE layers (train: last quarter of
-training; eval: final evaluation).
+{regime.LM_DESCRIPTION} ([experiments/regime.py](../../regime.py)). {steps} steps of 16 sequences,
+seed 0. `dense` and `top1_cf1.25` are the [headline](../headline/README.md)'s seed-0 runs
+{", ".join(f"`{r['same_as']}`" for r in results if r.get("same_as"))} (same config and seed),
+reused. Examples/s: training throughput on this 2-core CPU, compile excluded, two runs at a time
+with other jobs on the machine for part of the time, so examples/s and the seconds-to-threshold
+column compare the runs only roughly (quality per step is unaffected). Dropped: fraction of
+routed assignments beyond capacity, mean over MoE layers (train: last quarter of training; eval:
+final evaluation).
 
 {table}
 

@@ -83,6 +83,22 @@ def gather_host_states(state: Any) -> list:
     return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(rows, lengths.ravel())]
 
 
+def regroup_host_states(hosts: list, process_count: int, step: int) -> list:
+    """The saved hosts' data states dealt to `process_count` hosts: as saved for as many hosts; with a
+    fixed data.shards (states {"shards": [...]}), the shards in order, data.shards // hosts each."""
+    if len(hosts) == process_count:
+        return hosts
+    shards = [s for h in hosts for s in h["shards"]] if all("shards" in h for h in hosts) else []
+    if not shards or len(shards) % process_count:
+        raise CheckpointError(
+            f"the checkpoint of step {step} was written by {len(hosts)} host(s), but {process_count} are "
+            "running: each host resumes its own data shard. Resume with the same number of hosts, or "
+            "train with a fixed data.shards that both host counts divide"
+            + (f" (this run's data.shards={len(shards)})" if shards else ""))
+    per = len(shards) // process_count
+    return [{"shards": shards[i * per:(i + 1) * per]} for i in range(process_count)]
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
         self.directory = paths.resolve(workdir) / "checkpoints"  # a local directory or a gs:// URL
@@ -137,11 +153,7 @@ class Checkpointer:
         target = _abstract_key_data(abstract_state)
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
-        hosts = restored["data"]["hosts"]
-        if len(hosts) != jax.process_count():
-            raise CheckpointError(f"the checkpoint of step {step} was written by {len(hosts)} host(s), but "
-                                  f"{jax.process_count()} are running: each host resumes its own data shard, "
-                                  "so resume with the same number of hosts")
+        hosts = regroup_host_states(restored["data"]["hosts"], jax.process_count(), step)
         return _data_to_keys(restored["state"], abstract_state), hosts[jax.process_index()]
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import sentencepiece as spm
 import tensorflow_datasets as tfds
 
 from configs import base
-from moe_jax import configuration, data
+from moe_jax import checkpoints, configuration, data
 from moe_jax.data import corpus, options, sources, tokenizer
 
 MAX_FILES, PIECES = 30, 1000
@@ -144,6 +144,9 @@ def test_too_large_vocabulary_names_the_field(tmp_path):
     ({"data.extra_ids": 2}, r"data\.extra_ids=2 is too few: .* uses up to 3 sentinels"),
     ({"data.noise_density": 1.5}, r"data\.noise_density must be in \(0, 1\)"),
     ({"seq_len": 1}, r"seq_len must be an int >= 2"),
+    ({"data.shards": 3}, r"data\.shards=3 must divide batch_size=4"),
+    ({"data.shards": 2}, r"data\.shards=2 must be a multiple of the 4 hosts"),
+    ({"data.shards": -1}, r"data\.shards must be an int >= 0"),
 ])
 def test_config_errors_name_the_field(data_dir, changes, message):
     with pytest.raises(ValueError, match=message):
@@ -262,6 +265,39 @@ def test_eval_batches_are_fixed(data_dir, tok):
     assert_batches_equal(list(data.eval_batches(config, tok)), first)
     train = next(data.train_iterator(config, tok))
     assert not np.array_equal(train["encoder_input_tokens"], first[0]["encoder_input_tokens"])
+
+
+def hosts_batches(config, tok, hosts: int, n: int, states=None) -> tuple[list[dict], list]:
+    """n global batches read by `hosts` hosts (their rows concatenated in host order), starting from
+    the hosts' saved `states` if given; and the hosts' states after them."""
+    iterators = [data.train_iterator(config, tok, h, hosts) for h in range(hosts)]
+    for it, state in zip(iterators, states or ()):
+        it.set_state(state)
+    batches = [[next(it) for it in iterators] for _ in range(n)]
+    joined = [{k: np.concatenate([b[k] for b in step]) for k in step[0]} for step in batches]
+    return joined, [json.loads(json.dumps(it.get_state())) for it in iterators]
+
+
+def test_fixed_shards_give_the_same_batches_on_any_host_count(data_dir, tok):
+    """With data.shards = 4 the global batch is the same on 1, 2 and 4 hosts, train and eval, and a
+    data state saved by 2 hosts resumes on 1 or 4 (checkpoints.regroup_host_states)."""
+    config = lm_config(data_dir, batch_size=8, **{"data.shards": 4})
+    one, _ = hosts_batches(config, tok, 1, 4)
+    for hosts in (2, 4):
+        assert_batches_equal(hosts_batches(config, tok, hosts, 4)[0], one)
+        evals = [list(data.eval_batches(config, tok, h, hosts)) for h in range(hosts)]
+        joined = [{k: np.concatenate([e[i][k] for e in evals]) for k in evals[0][i]} for i in range(3)]
+        assert_batches_equal(joined, list(data.eval_batches(config, tok)))
+    _, saved = hosts_batches(config, tok, 2, 2)
+    for hosts in (1, 4):
+        regrouped = checkpoints.regroup_host_states(saved, hosts, step=2)
+        assert_batches_equal(hosts_batches(config, tok, hosts, 2, regrouped)[0], one[2:])
+    with pytest.raises(checkpoints.CheckpointError, match=r"data\.shards=4"):
+        checkpoints.regroup_host_states(saved, 3, step=2)
+    # one shard per host (data.shards = 0): the states name no shards, so no other host count resumes
+    _, per_host = hosts_batches(lm_config(data_dir, batch_size=8), tok, 2, 1)
+    with pytest.raises(checkpoints.CheckpointError, match="train with a fixed data.shards"):
+        checkpoints.regroup_host_states(per_host, 1, step=1)
 
 
 # ---------------------------------------------------------------- TFDS datasets by name (mocked)

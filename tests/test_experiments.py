@@ -57,6 +57,17 @@ def test_collect_reads_curves_and_final_figures(tmp_path):
     assert r["max_mean_load"] == pytest.approx(1.25) and r["eval_dropped_fraction"] == pytest.approx(0.05)
 
 
+def test_a_shared_run_is_reused_only_for_its_own_config():
+    shared = {r.name: r for r in top1_vs_top2.runs() if r.same_as}
+    assert set(shared) == set(top1_vs_top2.SHARED)
+    run = shared["top1_cf1.25"]
+    result = runner.load_results(top1_vs_top2.NAME, [run])[0]
+    assert result["name"] == "top1_cf1.25" and result["same_as"] == "headline/switch_e8_s0"
+    other = runner.Run(run.name, run.config, {**run.overrides, "moe.k": 2}, same_as=run.same_as)
+    with pytest.raises(SystemExit, match="another config"):
+        runner.load_results(top1_vs_top2.NAME, [other])
+
+
 @pytest.mark.parametrize("experiment", summary.EXPERIMENTS, ids=lambda m: m.NAME)
 def test_committed_report_is_what_the_report_code_writes(experiment, tmp_path):
     results = summary.load_results(experiment)

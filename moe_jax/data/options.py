@@ -28,6 +28,12 @@ class Plan:
     targets_len: int  # decoder length
     raw_len: int  # raw tokens per example before corruption (lm: = targets_len)
     per_host_batch: int
+    shards: int  # data shards of the batch (data.shards, or one per host when it is 0)
+    host_shards: int  # shards each host reads: shards // process_count
+
+    @property
+    def shard_rows(self) -> int:
+        return self.per_host_batch // self.host_shards
 
 
 def plan(config, process_count: int = 1) -> Plan:
@@ -61,13 +67,21 @@ def plan(config, process_count: int = 1) -> Plan:
     if batch_size % process_count:
         raise ValueError(f"batch_size={batch_size} must be divisible by the number of hosts "
                          f"({process_count}): each host loads batch_size // process_count rows")
+    shards = _shards(d, batch_size, process_count)
+    rows = dict(per_host_batch=batch_size // process_count, shards=shards,
+                host_shards=shards // process_count)
     seq_len = validation.integer("", "seq_len", config.seq_len, 2)
     if d.objective == "lm":
         if config.target_seq_len:
             raise ValueError(f"target_seq_len={config.target_seq_len} does not apply to data.objective='lm' "
                              "(an LM's targets are its seq_len inputs shifted): leave it at 0")
-        return Plan("lm", 0, seq_len, seq_len, batch_size // process_count)
+        return Plan("lm", 0, seq_len, seq_len, **rows)
+    return Plan("span_corruption", seq_len, *_span_corruption_lengths(config, seq_len), **rows)
 
+
+def _span_corruption_lengths(config, seq_len: int) -> tuple[int, int]:
+    """(targets_len, raw_len) of T5 span corruption of seq_len encoder tokens, checked."""
+    d = config.data
     if not 0 < d.noise_density < 1:
         raise ValueError(f"data.noise_density must be in (0, 1), got {d.noise_density!r}")
     if not d.mean_noise_span_length >= 1:
@@ -84,4 +98,16 @@ def plan(config, process_count: int = 1) -> Plan:
     if max_spans > d.extra_ids:
         raise ValueError(f"data.extra_ids={d.extra_ids} is too few: span corruption of seq_len={seq_len} "
                          f"uses up to {max_spans} sentinels")
-    return Plan("span_corruption", seq_len, targets_len, raw_len, batch_size // process_count)
+    return targets_len, raw_len
+
+
+def _shards(d, batch_size: int, process_count: int) -> int:
+    """data.shards, checked against the batch and the hosts; 0 becomes one shard per host."""
+    shards = validation.integer("data", "shards", d.shards, 0) or process_count
+    if d.shards and batch_size % shards:
+        raise ValueError(f"data.shards={shards} must divide batch_size={batch_size}: each shard packs "
+                         "batch_size // data.shards rows of every batch")
+    if d.shards and shards % process_count:
+        raise ValueError(f"data.shards={shards} must be a multiple of the {process_count} hosts: each host "
+                         "reads data.shards // hosts whole shards (0: one shard per host)")
+    return shards

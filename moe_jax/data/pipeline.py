@@ -6,13 +6,15 @@ The pipeline (grain, https://google-grain.readthedocs.io), for split S on host h
     -> global shuffle, a new permutation each epoch (train only), repeated forever
     -> per document: tokenize, cut, apply the objective (noise seeded by seed and the document's
        global index, so any host count sees the same examples)
-    -> documents h, h + P, h + 2P, ... of that global order (host sharding)
-    -> flatten to examples -> first-fit packing into batch_size // P rows (one example per row
-       without packing) -> batch -> T5X features
+    -> documents s, s + S, s + 2S, ... of that global order, for each of the host's shards s
+       (S = data.shards, or P with one shard per host when it is 0)
+    -> flatten to examples -> first-fit packing into batch_size // S rows (one example per row
+       without packing) -> batch -> T5X features -> the host's shards' rows, in shard order
 
 Every stage is a grain dataset, so `DatasetIterator.get_state()` is a small JSON-able dict from
-which `set_state` resumes at exactly the next batch; the P hosts' documents are disjoint and
-together are the one-host order.
+which `set_state` resumes at exactly the next batch; the shards' documents are disjoint and
+together are the one-shard order. With a fixed S, the global batch is the same for every host
+count P that divides it.
 """
 from __future__ import annotations
 
@@ -85,6 +87,49 @@ def _features(plan: options.Plan):
     return objectives.decoder_features if plan.objective == "lm" else objectives.encoder_decoder_features
 
 
+class _HostBatches(grain.IterDataset):
+    """One batch of each of this host's shards per step, their rows concatenated in shard order."""
+
+    def __iter__(self):
+        return _HostBatchesIterator([iter(p) for p in self._parents])
+
+
+class _HostBatchesIterator(grain.DatasetIterator):
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = [next(p) for p in self._parents]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # [R * host shards, L]
+
+    def get_state(self) -> dict:
+        return {"shards": [p.get_state() for p in self._parents]}
+
+    def set_state(self, state: dict) -> None:
+        for parent, shard in zip(self._parents, state["shards"], strict=True):
+            parent.set_state(shard)
+
+
+def _shard_batches(config, tok, plan: options.Plan, source, *, train: bool, shard: int) -> grain.IterDataset:
+    """The batches of one shard of the document stream: documents shard, shard + S, ... packed into
+    plan.shard_rows rows each."""
+    docs = grain.MapDataset.source(source)
+    if train:
+        docs = docs.shuffle(seed=config.seed % 2 ** 32)  # a new permutation in each epoch
+    salt = 0 if train else 1  # decorrelates the noise of the train and eval streams
+    docs = docs.repeat(None).map_with_index(_Document(config, tok, plan, salt))
+    docs = docs[shard::plan.shards]
+    examples = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(), _Flatten())
+    lengths = {"targets": plan.targets_len} if plan.objective == "lm" else {
+        "inputs": plan.inputs_len, "targets": plan.targets_len}
+    rows = grain.experimental.FirstFitPackIterDataset(
+        examples, length_struct=lengths, num_packing_bins=plan.shard_rows, shuffle_bins=False,
+        max_sequences_per_bin=None if config.data.packing else 1)
+    batches = rows.batch(plan.shard_rows, drop_remainder=True).map(_features(plan))
+    if config.data.num_workers:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.data.num_workers))
+    return batches
+
+
 def _dataset(config, tok: tokenizer.Tokenizer, *, train: bool, process_index: int,
              process_count: int) -> grain.IterDataset:
     plan = options.plan(config, process_count)
@@ -96,24 +141,10 @@ def _dataset(config, tok: tokenizer.Tokenizer, *, train: bool, process_index: in
                                 max_files=d.corpus_max_files)
     if not len(source):
         raise ValueError(f"{field}={split!r} of data.dataset={d.dataset!r} has no examples")
-    docs = grain.MapDataset.source(source)
-    if train:
-        docs = docs.shuffle(seed=config.seed % 2 ** 32)  # a new permutation in each epoch
-    salt = 0 if train else 1  # decorrelates the noise of the train and eval streams
-    docs = docs.repeat(None).map_with_index(_Document(config, tok, plan, salt))
-    docs = docs[process_index::process_count]
-    examples = grain.experimental.FlatMapIterDataset(docs.to_iter_dataset(), _Flatten())
-    lengths = {"targets": plan.targets_len} if plan.objective == "lm" else {
-        "inputs": plan.inputs_len, "targets": plan.targets_len}
-    rows = grain.experimental.FirstFitPackIterDataset(
-        examples, length_struct=lengths, num_packing_bins=plan.per_host_batch, shuffle_bins=False,
-        max_sequences_per_bin=None if d.packing else 1)
-    batches = rows.batch(plan.per_host_batch, drop_remainder=True).map(_features(plan))
-    if d.num_workers:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
-            flags.FLAGS.mark_as_parsed()
-        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=d.num_workers))
-    return batches
+    first = process_index * plan.host_shards
+    parts = [_shard_batches(config, tok, plan, source, train=train, shard=s)
+             for s in range(first, first + plan.host_shards)]
+    return _HostBatches(parts) if d.shards else parts[0]  # data.shards = 0: the one shard's own state
 
 
 def train_iterator(config, tok: tokenizer.Tokenizer, process_index: int = 0,
