@@ -134,7 +134,8 @@ def execute(experiment: str, run: Run, common: dict, jobs: int) -> dict:
     proc = subprocess.run(command(run, workdir, common), cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    if proc.returncode and not errors:  # a crash, not a refusal or a divergence: show it, keep no result
+    if proc.returncode and (not errors or not (workdir / "metrics.jsonl").exists()):
+        # a crash, or a refusal before the first step (not a divergence): show it, keep no result
         raise RuntimeError(f"run {run.name} failed:\n{proc.stderr[-3000:]}")
     result = collect(run, workdir, common, errors[0] if errors else "", wall)
     out.parent.mkdir(parents=True, exist_ok=True)

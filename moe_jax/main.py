@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import sys
 
 import jax
@@ -24,7 +23,7 @@ from ml_collections import config_flags
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_jax import accounting, configuration, data, paths, train_loop
+from moe_jax import accounting, configuration, data, paths, preemption, train_loop
 from moe_jax.checkpoints import CheckpointError, Checkpointer
 from moe_jax.metrics import MetricsWriter, layer_metrics, row_scalars
 from moe_jax.train_loop import Divergence, writing
@@ -47,6 +46,9 @@ flags.DEFINE_bool("multihost", False, "Run on every worker of a multi-host slice
 flags.DEFINE_string("coordinator_address", None, "--multihost: host:port of process 0's coordinator.")
 flags.DEFINE_integer("num_processes", None, "--multihost: how many processes form the job.")
 flags.DEFINE_integer("process_id", None, "--multihost: this process's index, 0 .. num_processes - 1.")
+flags.DEFINE_integer("heartbeat_timeout", 100, "--multihost: seconds without a heartbeat from a process "
+                     "after which the others stop with an error instead of waiting for it (JAX's default).",
+                     lower_bound=1)
 
 console = Console(stderr=True)
 
@@ -87,17 +89,13 @@ class Run:
 
 def train(config, workdir: str) -> dict:
     """Train (and periodically evaluate) to config.num_train_steps; returns the closing summary."""
-    stop = {"sigterm": False}
-    # Installed before anything slow: a preemption while the run starts (restoring, compiling) ends it
+    # Listening before anything slow: a preemption while the run starts (restoring, compiling) ends it
     # cleanly too.
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
-    try:
+    with preemption.Preemption(multihost=_FLAGS.multihost) as stop:
         return _train(config, workdir, stop)
-    finally:
-        signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _hooks(run: Run, writer, progress, task, summary: dict, eval_fn, train_iter, stop: dict,
+def _hooks(run: Run, writer, progress, task, summary: dict, eval_fn, train_iter, stop: preemption.Preemption,
            first: int) -> list:
     """What runs after each training step, in order (moe_jax.train_loop)."""
     config, workdir, checkpointer = run.config, run.workdir, run.checkpointer
@@ -112,7 +110,7 @@ def _hooks(run: Run, writer, progress, task, summary: dict, eval_fn, train_iter,
             train_loop.Checkpoint(checkpointer, divergence, run.params_finite, train_iter.get_state, stop)]
 
 
-def _train(config, workdir: str, stop: dict) -> dict:
+def _train(config, workdir: str, stop: preemption.Preemption) -> dict:
     run = Run(config, workdir)
     state, data_state, start = run.restore_or_init()
     train_iter = data.train_iterator(config, run.tokenizer, process_index=jax.process_index(),
@@ -135,7 +133,7 @@ def _train(config, workdir: str, stop: dict) -> dict:
             task = progress.add_task("train", total=config.num_train_steps, completed=start, info="")
             hooks = _hooks(run, writer, progress, task, summary, eval_fn, train_iter, stop, first=start + 1)
             for number in range(start + 1, config.num_train_steps + 1):
-                if stop["sigterm"] and number == start + 1:
+                if number == start + 1 and stop.before_start():
                     console.print("SIGTERM before the first step: nothing new to save; exiting")
                     break
                 local = next(train_iter)  # this host's rows of the global batch
@@ -156,7 +154,7 @@ def _train(config, workdir: str, stop: dict) -> dict:
     mean_tps = next(h for h in hooks if isinstance(h, train_loop.Logging)).mean_tokens_per_sec()
     if mean_tps is not None:
         summary["tokens_per_sec_mean"] = mean_tps
-    summary["preempted"] = stop["sigterm"]
+    summary["preempted"] = stop.noticed
     return summary
 
 
@@ -225,6 +223,8 @@ def _distributed_flags() -> dict:
     given = {k: v for k, v in explicit.items() if v is not None}
     if given and not _FLAGS.multihost:
         raise app.UsageError("--coordinator_address, --num_processes and --process_id need --multihost")
+    if _FLAGS["heartbeat_timeout"].present and not _FLAGS.multihost:
+        raise app.UsageError("--heartbeat_timeout applies to --multihost jobs only")
     if given and len(given) < len(explicit):
         missing = ", ".join(f"--{k}" for k in explicit if k not in given)
         raise app.UsageError(f"--multihost with explicit processes needs {missing} as well")
@@ -235,7 +235,7 @@ def _initialize_distributed(given: dict) -> None:
     """jax.distributed.initialize, detected (Cloud TPU, SLURM) or from the explicit flags. CPU processes
     exchange collectives over gloo, XLA:CPU's cross-process transport (the setting is CPU-only)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**given)
+    jax.distributed.initialize(**given, heartbeat_timeout_seconds=_FLAGS.heartbeat_timeout)
 
 
 def main(argv):

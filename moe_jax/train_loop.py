@@ -205,14 +205,14 @@ class Record(Hook):
 class Checkpoint(Hook):
     """Save on schedule, at the last step and on preemption; ends the run after a preemption's save."""
 
-    def __init__(self, checkpointer, divergence: DivergenceCheck, params_finite, data_state, stop: dict):
+    def __init__(self, checkpointer, divergence: DivergenceCheck, params_finite, data_state, stop):
         self.checkpointer, self.divergence = checkpointer, divergence
         self.params_finite, self.data_state, self.stop = params_finite, data_state, stop
 
     def after_step(self, step: Step) -> bool:
         # Read once: a SIGTERM that comes after this is handled after the next step, never
         # acknowledged without its checkpoint (it may come during the evaluation).
-        preempted = self.stop["sigterm"]
+        preempted = self.stop.after(step.number)
         if step.every(step.config.checkpoint_every_steps) or preempted:
             self.divergence.flush()  # this step's loss, if not read yet
             if not self.params_finite(step.state.params):

@@ -5,7 +5,10 @@ feeds its own rows of the batch: the data axis spans the processes, the expert a
 devices), with the losses of one process of 8 devices on the same batches (data.shards); every
 process writes its shards of the checkpoint, and a checkpoint of either process count resumes in the
 other."""
+import re
+import signal
 import socket
+import time
 
 import numpy as np
 
@@ -24,20 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start(tmp_path, workdir, processes: int, steps: int = STEPS, **changes) -> list[cli.Job]:
+    """The job training `workdir` to `steps` with 8 devices in 1 or 2 processes (heartbeat timeout
+    10 s), one cli.Job per process."""
+    values = {**SMALL, "data.data_dir": tmp_path / "tfds", "num_train_steps": steps, **changes}
+    base = ["--config=configs/switch_tiny.py", *cli.overrides(values), f"--workdir={workdir}"]
+    if processes > 1:
+        base += ["--multihost", f"--coordinator_address=127.0.0.1:{free_port()}",
+                 f"--num_processes={processes}", "--heartbeat_timeout=10"]
+    env = cli.environment(tmp_path / "jax_cache", devices=8 // processes)
+    name = f"{workdir.name}_{steps}_{time.monotonic_ns()}"
+    return [cli.Job([*base, f"--process_id={i}"] if processes > 1 else base, env, tmp_path / "logs",
+                    f"{name}_{i}") for i in range(processes)]
+
+
 def train(tmp_path, workdir, processes: int, steps: int = STEPS) -> list:
     """Train `workdir` to `steps` with the job's 8 devices in 1 or 2 processes; its train losses."""
-    values = {**SMALL, "data.data_dir": tmp_path / "tfds", "num_train_steps": steps}
-    base = ["--config=configs/switch_tiny.py", *cli.overrides(values), f"--workdir={workdir}"]
-    env = cli.environment(tmp_path / "jax_cache", devices=8 // processes)
-    if processes == 1:
-        cli.run(base, env, tmp_path / "logs", f"{workdir.name}_{steps}")
-    else:
-        base += ["--multihost", f"--coordinator_address=127.0.0.1:{free_port()}",
-                 f"--num_processes={processes}"]
-        jobs = [cli.Job([*base, f"--process_id={i}"], env, tmp_path / "logs", f"{workdir.name}_{steps}_{i}")
-                for i in range(processes)]
-        for job in jobs:
-            assert job.wait(600) == 0, job.report()
+    for job in start(tmp_path, workdir, processes, steps):
+        assert job.wait(600) == 0, job.report()
     return [(r["step"], r["train/loss"]) for r in cli.metrics(workdir) if "train/loss" in r]  # process 0's
 
 
@@ -69,3 +76,54 @@ def test_explicit_process_flags_come_together_and_need_multihost(tmp_path):
     job = cli.run([*base, "--multihost", "--num_processes=2"], env, tmp_path / "logs", "partial", expect=None)
     assert job.proc.returncode != 0, job.report()
     assert "--coordinator_address, --process_id as well" in job.stderr, job.report()
+    job = cli.run([*base, "--heartbeat_timeout=5"], env, tmp_path / "logs", "heartbeat", expect=None)
+    assert job.proc.returncode != 0 and "applies to --multihost jobs only" in job.stderr, job.report()
+
+
+def test_kill_9_and_preemption_of_one_process(tmp_path):
+    """kill -9 of one process stops the other with an error within the heartbeat timeout; a SIGTERM to
+    one makes both save the same step and exit 0; both times, restarting both resumes bit-identically."""
+    steps, every = 40, 4
+    whole = tmp_path / "whole"
+    for job in start(tmp_path, whole, 2, steps, checkpoint_every_steps=every):
+        assert job.wait(600) == 0, job.report()
+    expected = cli.without_timing(cli.metrics(whole)), cli.checkpoint_arrays(whole, steps)
+    killed = tmp_path / "killed"
+    jobs = start(tmp_path, killed, 2, steps, checkpoint_every_steps=every)
+    # killed once a checkpoint is complete and training has gone past it
+    assert cli.wait_until(lambda: cli.checkpoints(killed)[0] and cli.last_logged_step(killed) > every,
+                          jobs[0], poll=0.05), jobs[0].report()
+    jobs[1].kill()
+    began = time.monotonic()
+    code = jobs[0].wait(120)  # the heartbeat timeout is 10 s
+    assert code != 0 and time.monotonic() - began < 60, jobs[0].report()
+    assert "another task died" in jobs[0].stderr or "unhealthy" in jobs[0].stderr, jobs[0].report()
+    again = start(tmp_path, killed, 2, steps, checkpoint_every_steps=every)
+    for job in again:
+        assert job.wait(600) == 0, job.report()
+    assert cli.resumed_from(again[0]) >= every
+    assert_resumed_as(killed, steps, expected)
+
+    preempted = tmp_path / "preempted"
+    jobs = start(tmp_path, preempted, 2, steps, checkpoint_every_steps=every)
+    assert cli.wait_until(lambda: cli.last_logged_step(preempted) > 2, jobs[0], poll=0.05), jobs[0].report()
+    jobs[1].proc.send_signal(signal.SIGTERM)  # the notice reaches one host only
+    for job in jobs:
+        assert job.wait(120) == 0, job.report()
+    # process 0 speaks for the job; JAX logs the step each process agreed on
+    saved = re.search(r"SIGTERM: saved the checkpoint of step (\d+)", jobs[0].stderr)
+    agreed = [re.search(r"Reached preemption sync point, step=(\d+)", j.stderr) for j in jobs]
+    assert saved and all(a and a[1] == saved[1] for a in agreed), [j.report() for j in jobs]
+    saved = int(saved[1])
+    assert saved < steps and saved == max(cli.checkpoints(preempted)[0])
+    again = start(tmp_path, preempted, 2, steps, checkpoint_every_steps=every)
+    for job in again:
+        assert job.wait(600) == 0, job.report()
+    assert cli.resumed_from(again[0]) == saved
+    assert_resumed_as(preempted, steps, expected)
+
+
+def assert_resumed_as(workdir, steps: int, expected) -> None:
+    metrics, arrays = expected
+    assert cli.without_timing(cli.metrics(workdir)) == metrics
+    cli.assert_same_arrays(cli.checkpoint_arrays(workdir, steps), arrays)
