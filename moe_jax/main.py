@@ -27,7 +27,6 @@ from moe_jax import accounting, configuration, data, paths, preemption, train_lo
 from moe_jax.checkpoints import CheckpointError, Checkpointer
 from moe_jax.metrics import MetricsWriter, layer_metrics, row_scalars
 from moe_jax.train_loop import Divergence, writing
-from moe_jax.models import generate
 from moe_jax.trainer import Trainer, summarize_eval
 
 MODES = ("train", "eval", "infer")
@@ -196,18 +195,15 @@ def infer(config, workdir: str, prompts: list[str], *, max_new_tokens: int, temp
     run = Run(config, workdir)
     if run.checkpointer.latest_step() is None:
         raise configuration.ConfigError(f"--mode=infer needs a checkpoint in {workdir}: train first")
-    state, _, _ = run.restore_or_init()
+    state, _, _ = run.restore_or_init()  # in its shards on the mesh
     run.checkpointer.close()
-    from flax import nnx  # noqa: PLC0415
-
-    model = nnx.merge(run.trainer.eval_graphdef, state.params, state.rest)
     tok = run.tokenizer
     # An encoder-decoder trained on span corruption fills the prompt's <extra_id_N> spans.
     encoded = [tok.encode(p, sentinels=True) for p in prompts]
     rows, valid = run.model_cfg.family.prompt_rows(encoded, tok.eos_id)
-    out = generate(model, jnp.asarray(rows, jnp.int32), jnp.asarray(valid, bool),
-                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   rng=jax.random.PRNGKey(config.seed))
+    decode = run.trainer.jit_generate(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+    out = decode(state.params, state.rest, np.asarray(rows, np.int32), np.asarray(valid, bool),
+                 jax.random.PRNGKey(config.seed))
     texts = []
     for row in np.asarray(out).tolist():
         if tok.eos_id in row:

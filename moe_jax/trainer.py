@@ -24,7 +24,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from moe_jax import optim, sharding
-from moe_jax.models import ModelConfig, build_model
+from moe_jax.models import ModelConfig, build_model, generate
 from moe_jax.moe_layer import MoEAux
 
 
@@ -114,6 +114,16 @@ class Trainer:
         return jax.jit(self._under_mesh(self.eval_step),
                        in_shardings=(self.state_sharding, self.batch_sharding),
                        out_shardings=self.replicated)
+
+    def jit_generate(self, **options):
+        """moe_jax.models.generate on the mesh, so the MoE layers decode expert-parallel as they train:
+        (params, rest, prompts int [B, P], valid bool [B, P], rng) -> int32 [B, max_new_tokens]."""
+        def run(params, rest, prompts, valid, rng):
+            model = nnx.merge(self.eval_graphdef, params, rest)
+            return generate(model, prompts, valid, rng=rng, **options)
+        shardings = self.state_sharding
+        return jax.jit(self._under_mesh(run), out_shardings=self.replicated,
+                       in_shardings=(shardings.params, shardings.rest, *[self.replicated] * 3))
 
     def shard_batch(self, local_batch: dict) -> dict:
         """Host-local rows -> global arrays laid out over the batch shards."""
