@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.data = ml_collections.ConfigDict(dict(
         dataset="default",  # the offline corpus built from Python's standard library, or a TFDS name
-        data_dir="",  # TFDS data dir ("" = TFDS default, ~/tensorflow_datasets); gs:// works on Cloud TPU
+        data_dir="",  # TFDS data dir ("" = TFDS default, ~/tensorflow_datasets); a local path or a mount
         text_key="text",  # feature holding the text in a TFDS dataset
         train_split="train",
         eval_split="validation",

@@ -132,6 +132,7 @@ class MetricsWriter:
         self.enabled, self.moe_every = enabled, moe_every
         workdir = paths.resolve(workdir)
         self.path = workdir / "metrics.jsonl"
+        self._lines = paths.LineAppender(self.path)
         self.tb = _EventFile(workdir / "tensorboard", purge_step) if enabled else None
 
     def write(self, step: int, prefix: str, metrics: dict[str, Any], *, extra: dict[str, float] | None = None,
@@ -159,7 +160,7 @@ class MetricsWriter:
 
     def end_step(self, step: int, record: dict) -> None:
         if self.enabled and record:
-            paths.append_line(self.path, json.dumps({"step": step, **record}) + "\n")
+            self._lines.append(json.dumps({"step": step, **record}) + "\n")
             self.tb.flush()
 
     def close(self) -> None:

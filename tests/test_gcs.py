@@ -10,6 +10,7 @@ import fsspec
 import pytest
 from etils import epath
 
+from moe_jax import configuration, data, paths
 from tests.faults import cli
 
 pytest.importorskip("gcp_storage_emulator.server",
@@ -78,3 +79,35 @@ def test_train_kill_resume_and_evaluate_in_a_bucket(gcs):
     assert "loss" in evaluated.stdout, evaluated.report()
     # Nothing landed on local disk under a 'gs:' folder (os.path.abspath('gs://b/x') = '<cwd>/gs:/b/x').
     assert not (cli.ROOT / "gs:").exists()
+
+
+def test_tokenizer_from_the_bucket_and_a_data_dir_url_refused(gcs, tmp_path):
+    """data.tokenizer=gs://... is read from the bucket (etils.epath); data.data_dir=gs://... is refused
+    before anything starts (array_record reads local files only: mount the bucket instead)."""
+    root, env = gcs
+    config = configuration.load("configs/switch_tiny.py")
+    config.data.update({"data_dir": str(tmp_path / "tfds"), "spm_vocab_size": SMALL["data.spm_vocab_size"],
+                        "corpus_max_files": SMALL["data.corpus_max_files"]})
+    local = data.get_tokenizer(config)
+    url = epath.Path(f"gs://{BUCKET}/vocab/stdlib.model")
+    url.write_bytes(epath.Path(local.path).read_bytes())
+    values = {**SMALL, "data.data_dir": tmp_path / "tfds", "data.tokenizer": str(url),
+              "num_train_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2}
+    command = ["--config=configs/switch_tiny.py", *cli.overrides(values), f"--workdir={tmp_path / 'run'}"]
+    job = cli.run(command, env, root / "logs", "tokenizer_url")
+    assert [r["step"] for r in cli.metrics(tmp_path / "run") if "train/loss" in r] == [1, 2], job.report()
+    values["data.data_dir"] = f"gs://{BUCKET}/tfds"
+    job = cli.run(["--config=configs/switch_tiny.py", *cli.overrides(values), f"--workdir={tmp_path / 'x'}"],
+                  env, root / "logs", "data_dir_url", expect=None)
+    assert job.proc.returncode != 0 and "Mount the bucket (gcsfuse" in job.stderr, job.report()
+    assert not (tmp_path / "x").exists()
+
+
+def test_line_appender_rewrites_the_object_from_the_text_it_keeps(gcs):
+    path = epath.Path(f"gs://{BUCKET}/appender/metrics.jsonl")
+    path.write_text("before\n")
+    lines = paths.LineAppender(path)
+    for i in range(3):
+        lines.append(f"{i}\n")
+    fresh_listings()
+    assert path.read_text() == "before\n0\n1\n2\n"

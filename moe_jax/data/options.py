@@ -54,6 +54,10 @@ def plan(config, process_count: int = 1) -> Plan:
     for field in ("data_dir", "tokenizer"):
         if not isinstance(d[field], str):
             raise ValueError(f"data.{field} must be a string ('' for the default), got {d[field]!r}")
+    if "://" in d.data_dir:
+        raise ValueError(f"data.data_dir={d.data_dir!r}: the pipeline reads TFDS array_record files with "
+                         "array_record's own C++ file I/O, which opens local paths only. Mount the bucket "
+                         "(gcsfuse, e.g. /gcs/<bucket>/tfds on a Cloud TPU VM) and give the mounted path")
     if not isinstance(d.packing, bool):
         raise ValueError(f"data.packing must be True or False, got {d.packing!r}")
     validation.integer("data", "num_workers", d.num_workers, 0)
