@@ -4,8 +4,8 @@ where TensorFlow is installed). Every file the job writes under its workdir goes
 
 Object stores have no append and no rename of a half-written file, so the two operations that
 rely on them are written once here: `LineAppender` appends to a local file and rewrites the object
-of a URL (from the text it keeps: the object is read once); `write_atomically` renames a temporary file locally, where a URL's object is replaced
-whole by the store when its write completes.
+of a URL (from the text it keeps: the object is read once); `write_atomically` renames a temporary
+file locally, where a URL's object is replaced whole by the store when its write completes.
 """
 from __future__ import annotations
 

@@ -1,10 +1,10 @@
 """Two JAX processes on this machine as one job (jax.distributed with a coordinator on 127.0.0.1,
 gloo collectives between the processes' CPU devices): `python -m moe_jax.main --multihost` with
 explicit process flags trains an expert-parallel MoE on the 8-device mesh of both processes (each
-feeds its own rows of the batch: the data axis spans the processes, the expert axis each one's 4
-devices), with the losses of one process of 8 devices on the same batches (data.shards); every
-process writes its shards of the checkpoint, and a checkpoint of either process count resumes in the
-other."""
+feeds its own rows of the batch; the experts spread over both on (1, 8, 1)), with the losses of one
+process of 8 devices on the same batches (data.shards); every process writes its shards of the
+checkpoint, a checkpoint of either process count resumes in the other, and a dead or preempted
+process is handled by both."""
 import re
 import signal
 import socket
@@ -42,17 +42,19 @@ def start(tmp_path, workdir, processes: int, steps: int = STEPS, **changes) -> l
 
 
 def train(tmp_path, workdir, processes: int, steps: int = STEPS) -> list:
-    """Train `workdir` to `steps` with the job's 8 devices in 1 or 2 processes; its train losses."""
-    for job in start(tmp_path, workdir, processes, steps):
+    """Train `workdir` to `steps` on the (1, 8, 1) mesh in 1 or 2 processes; its train losses."""
+    for job in start(tmp_path, workdir, processes, steps, mesh_shape=(1, 8, 1)):
         assert job.wait(600) == 0, job.report()
     return [(r["step"], r["train/loss"]) for r in cli.metrics(workdir) if "train/loss" in r]  # process 0's
 
 
 def test_two_processes_train_as_one_and_checkpoints_move_between_process_counts(tmp_path):
-    """2 processes x 4 devices train the (2, 4, 1) mesh as 1 process x 8 devices does (data.shards = 2:
-    the same batches); each checkpoint resumes in the other process count and both continue alike."""
+    """2 processes x 4 devices train the (1, 8, 1) mesh (experts 0-3 on one process, 4-7 on the
+    other) as 1 process x 8 devices does (data.shards = 2: the same batches); every process writes
+    its own shards; each checkpoint resumes in the other process count and both continue alike."""
     two, one = tmp_path / "two", tmp_path / "one"
     losses = {"two": train(tmp_path, two, 2), "one": train(tmp_path, one, 1)}
+    assert len(list((two / "checkpoints" / str(STEPS) / "state").glob("ocdbt.process_*"))) == 2
     assert [s for s, _ in losses["two"]] == list(range(1, STEPS + 1))
     np.testing.assert_allclose([x for _, x in losses["two"]], [x for _, x in losses["one"]], rtol=1e-5)
     # Written by both processes, restored whole in this one: every expert weight holds all 8 experts.

@@ -1,5 +1,6 @@
 """Expert parallelism on 8 emulated devices: sharded equals unsharded (training and generation),
-experts split evenly, checkpoints restore across meshes, all-to-all in the compiled step, and bad meshes refused."""
+experts split evenly, checkpoints restore across meshes, all-to-all in the compiled step, and bad
+meshes refused."""
 import re
 
 import jax
@@ -151,8 +152,8 @@ def test_bad_meshes_are_refused_before_compiling():
 def test_generation_on_the_mesh_equals_generation_on_one_device(router, mesh_shape):
     """Trainer.jit_generate (what --mode=infer runs) decodes expert-parallel on the mesh: the expert
     weights stay in their shards (no collective moves more than the prompt's k routed activations
-    [B, P, k, D]: each device runs its experts, an all-reduce sums their outputs), with the single-device model's
-    greedy tokens."""
+    [B, P, k, D]: each device runs its experts, an all-reduce sums their outputs), with the
+    single-device model's greedy tokens."""
     config = config_for(router, 8, mesh_shape)
     trainer = Trainer(config, configuration.validate(config), mesh=sharding.make_mesh(mesh_shape))
     state = trainer.create_state(0)
