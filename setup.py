@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
 
 GCS = ["gcsfs>=2026.9,<2027", "google-cloud-storage>=3.17,<4"]
 EXTRAS = {
-    # The storage emulator runs the gs:// workdir test (tests/test_gcs.py) against a local server.
+    # The storage emulator runs the gs:// workdir test (tests/multihost/test_gcs.py) against a local server.
     "test": ["pytest>=9.0,<10", "pytest-xdist>=3.8,<4", "hypothesis>=6.150,<7",
              "gcp-storage-emulator>=2026.7,<2027", *GCS],
     # gs:// workdirs and data: etils.epath, Orbax's metadata and TFDS reach Cloud Storage through gcsfs,

@@ -21,5 +21,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 # tests/sharding needs 8 emulated devices, fixed when JAX starts: it runs in its own process
 # (`pytest tests/sharding`), so a plain `pytest tests` leaves it out. So does the fault suite
-# (`pytest tests/faults`), which takes minutes of kills and restarts.
-collect_ignore = ["sharding", "faults"]
+# (`pytest tests/faults`), which takes minutes of kills and restarts, and the multi-host suite
+# (`pytest tests/multihost`: several processes per test, a storage emulator).
+collect_ignore = ["sharding", "faults", "multihost"]

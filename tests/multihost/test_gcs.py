@@ -15,7 +15,7 @@ from tests.faults import cli
 
 pytest.importorskip("gcp_storage_emulator.server",
                     reason="the storage emulator is in the [test] extra: pip install -e .[test]")
-from tests import gcs_emulator  # noqa: E402  (after the skip)
+from tests.multihost import gcs_emulator  # noqa: E402  (after the skip)
 
 BUCKET = "moe-jax-test"
 STEPS = 6
