@@ -110,10 +110,10 @@ def _load(path: pathlib.Path, run: Run) -> dict:
 def load_results(experiment: str, runs: list[Run], partial: bool = False) -> list[dict] | None:
     """The saved results of `runs`: all of them, or None while any is missing; with `partial`, those
     that exist (None when none does)."""
-    present = [p for p in (result_path(experiment, r) for r in runs) if p.exists()]
+    present = [(path, r) for r in runs if (path := result_path(experiment, r)).exists()]
     if not present or (len(present) < len(runs) and not partial):
         return None
-    return [_load(result_path(experiment, r), r) for r in runs if result_path(experiment, r).exists()]
+    return [_load(path, r) for path, r in present]
 
 
 def execute(experiment: str, run: Run, common: dict, jobs: int) -> dict:

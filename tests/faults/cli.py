@@ -11,6 +11,7 @@ import os
 import pathlib
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -171,6 +172,13 @@ class Forkserver:
                                        name="moe_jax.main")
         process.start()
         return _Forked(process)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a coordinator or an emulator)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run(args: list[str], env: dict, log_dir: os.PathLike, name: str, *, timeout: float = 600,

@@ -7,13 +7,14 @@ and the checkpoint is corrupt ("Malformed StorageGeneration").
 https://cloud.google.com/storage/docs/request-preconditions"""
 import contextlib
 import re
-import socket
 from collections.abc import Iterator
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlparse
 
 from gcp_storage_emulator import server as _server
 from gcp_storage_emulator.exceptions import NotFound
+
+from tests.faults import cli
 
 _OBJECT = re.compile(r"/b/(?P<bucket>[-.\w]+)/o(?:/(?P<name>[^/]+))?$")
 
@@ -58,18 +59,12 @@ class _Response(_server.Response):
         super().close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def serving(bucket: str) -> Iterator[str]:
     """An in-memory emulator holding `bucket`, with the generation rules; yields its URL."""
     saved = _server.Router, _server.Response
     _server.Router, _server.Response = _Router, _Response
-    port = free_port()
+    port = cli.free_port()
     emulator = _server.create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
     emulator.start()
     try:

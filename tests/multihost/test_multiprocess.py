@@ -7,7 +7,6 @@ checkpoint, a checkpoint of either process count resumes in the other, and a dea
 process is handled by both."""
 import re
 import signal
-import socket
 import time
 
 import numpy as np
@@ -21,19 +20,13 @@ SMALL = {**cli.TINY_MODEL, "model.kind": "decoder", "data.objective": "lm", "mod
          "mesh_shape": (2, 4, 1), "batch_size": 8, "data.shards": 2}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(tmp_path, workdir, processes: int, steps: int = STEPS, **changes) -> list[cli.Job]:
     """The job training `workdir` to `steps` with 8 devices in 1 or 2 processes (heartbeat timeout
     10 s), one cli.Job per process."""
     values = {**SMALL, "data.data_dir": tmp_path / "tfds", "num_train_steps": steps, **changes}
     base = ["--config=configs/switch_tiny.py", *cli.overrides(values), f"--workdir={workdir}"]
     if processes > 1:
-        base += ["--multihost", f"--coordinator_address=127.0.0.1:{free_port()}",
+        base += ["--multihost", f"--coordinator_address=127.0.0.1:{cli.free_port()}",
                  f"--num_processes={processes}", "--heartbeat_timeout=10"]
     env = cli.environment(tmp_path / "jax_cache", devices=8 // processes)
     name = f"{workdir.name}_{steps}_{time.monotonic_ns()}"
