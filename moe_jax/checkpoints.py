@@ -31,9 +31,10 @@ class CheckpointError(RuntimeError):
 
 
 def _reason(error: BaseException) -> str:
-    """The gist of a storage error: its first line, without the tensorstore spec it may carry."""
+    """The gist of a storage error: its first line, without the tensorstore spec it may carry; a long
+    one keeps its start (what failed) and its end (the system's reason: "No space left on device")."""
     text = (str(error).splitlines() or [type(error).__name__])[0].split(" [tensorstore_spec=")[0]
-    return text if len(text) <= 400 else text[:400] + " ..."
+    return text if len(text) <= 400 else f"{text[:240]} ... {text[-160:]}"
 
 
 def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[str]:

@@ -19,11 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 from etils import epath
+from jax.experimental import multihost_utils
 from ml_collections import config_flags
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_jax import accounting, configuration, data, paths, preemption, train_loop
+from moe_jax import accounting, configuration, data, paths, preemption, train_loop, workdir_lock
 from moe_jax.checkpoints import CheckpointError, Checkpointer
 from moe_jax.metrics import MetricsWriter, layer_metrics, row_scalars
 from moe_jax.train_loop import Divergence, writing
@@ -48,6 +49,8 @@ flags.DEFINE_integer("process_id", None, "--multihost: this process's index, 0 .
 flags.DEFINE_integer("heartbeat_timeout", 100, "--multihost: seconds without a heartbeat from a process "
                      "after which the others stop with an error instead of waiting for it (JAX's default).",
                      lower_bound=1)
+flags.DEFINE_float("lock_timeout", 60.0, "train: seconds after its last heartbeat at which the workdir "
+                   "lock of another job is taken as left by a dead job and taken over.", lower_bound=1.0)
 
 console = Console(stderr=True)
 
@@ -55,11 +58,14 @@ console = Console(stderr=True)
 class Run:
     """Everything a mode needs, built and checked before anything compiles."""
 
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, hold=None):
+        """`hold`: takes the workdir's lock for a training job, once the config passed every check and
+        before anything touches the workdir; returns the lock this process holds (or None)."""
         self.config, self.workdir = config, workdir
         self.model_cfg = configuration.validate(config)
         self.trainer = Trainer(config, self.model_cfg)  # the mesh's checks too, before the slow tokenizer
-        self.tokenizer = data.get_tokenizer(config)
+        self.tokenizer = data.get_tokenizer(config)  # (and the dataset's)
+        self.lock = hold() if hold is not None else None
         self.checkpointer = Checkpointer(workdir, keep=config.keep_checkpoints)
         self.checkpointer.check_compatible(config)
         self.moe_every = self.model_cfg.family.moe_every(self.model_cfg)
@@ -90,8 +96,36 @@ def train(config, workdir: str) -> dict:
     """Train (and periodically evaluate) to config.num_train_steps; returns the closing summary."""
     # Listening before anything slow: a preemption while the run starts (restoring, compiling) ends it
     # cleanly too.
-    with preemption.Preemption(multihost=_FLAGS.multihost) as stop:
-        return _train(config, workdir, stop)
+    with preemption.Preemption(multihost=_FLAGS.multihost) as stop, contextlib.ExitStack() as held:
+        return _train(Run(config, workdir, hold=lambda: held.enter_context(holding(workdir))), stop)
+
+
+@contextlib.contextmanager
+def holding(workdir: str):
+    """The workdir's one-job lock, held by process 0 for the job; every process learns whether it was
+    taken, so that a refused job stops on all hosts at once. Yields the lock (None on other processes)."""
+    holder = jax.process_index() == 0
+    lock = workdir_lock.WorkdirLock(workdir, timeout=_FLAGS.lock_timeout) if holder else None
+    error = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except workdir_lock.WorkdirLocked as e:
+            error = e
+        except OSError as e:
+            error = train_loop.WorkdirError(
+                f"cannot write the workdir lock {lock.path} ({e.strerror or e}). Free some space or make the "
+                "workdir writable, then run again: nothing in it was changed")
+    if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
+        error = error or workdir_lock.WorkdirLocked(
+            f"the workdir {workdir} is in use by another job (process 0's error names it)")
+    if error is not None:
+        raise error
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _hooks(run: Run, writer, progress, task, summary: dict, eval_fn, train_iter, stop: preemption.Preemption,
@@ -101,7 +135,7 @@ def _hooks(run: Run, writer, progress, task, summary: dict, eval_fn, train_iter,
     divergence = train_loop.DivergenceCheck(checkpointer, run.moe_every)
     # token positions per step, both stacks, padding included
     tokens = config.batch_size * sum(accounting.sequence_lengths(config))
-    return [divergence,
+    return [divergence, train_loop.LockCheck(run.lock),
             train_loop.Logging(writer, workdir, checkpointer, progress, task, summary, tokens, first=first),
             train_loop.Evaluation(lambda state: run.evaluate(state, eval_fn), writer, workdir, checkpointer,
                                   summary, console),
@@ -109,8 +143,8 @@ def _hooks(run: Run, writer, progress, task, summary: dict, eval_fn, train_iter,
             train_loop.Checkpoint(checkpointer, divergence, run.params_finite, train_iter.get_state, stop)]
 
 
-def _train(config, workdir: str, stop: preemption.Preemption) -> dict:
-    run = Run(config, workdir)
+def _train(run: Run, stop: preemption.Preemption) -> dict:
+    config, workdir = run.config, run.workdir
     state, data_state, start = run.restore_or_init()
     train_iter = data.train_iterator(config, run.tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
@@ -243,6 +277,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().addFilter(_without_library_tracebacks)
     sys.unraisablehook = _without_closed_loop_tracebacks
+    if _FLAGS["lock_timeout"].present and _FLAGS.mode != "train":
+        raise app.UsageError("--lock_timeout applies to --mode=train only (eval and infer take no lock)")
     processes = _distributed_flags()
     if _FLAGS.multihost:
         _initialize_distributed(processes)
@@ -307,7 +343,7 @@ def run() -> None:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(1)
-    except (ValueError, Divergence, OSError) as e:  # ConfigError is a ValueError
+    except (ValueError, Divergence, OSError, workdir_lock.WorkdirLocked) as e:  # ConfigError is a ValueError
         sys.exit(f"error: {e}")
 
 

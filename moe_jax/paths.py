@@ -10,6 +10,7 @@ file locally, where a URL's object is replaced whole by the store when its write
 from __future__ import annotations
 
 import os
+import uuid
 
 from etils import epath
 
@@ -49,6 +50,6 @@ def write_atomically(path: epath.Path, text: str) -> None:
     if is_url(path):
         path.write_text(text)
         return
-    tmp = path.parent / (path.name + ".tmp")
+    tmp = path.parent / f"{path.name}.{uuid.uuid4().hex[:8]}.tmp"  # two writers never share a temporary
     tmp.write_text(text)
     os.replace(tmp, path)

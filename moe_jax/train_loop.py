@@ -2,6 +2,7 @@
 
     divergence   the loss and gradient norm of each step are finite (read one step late, so the
                  host does not wait for the device, except on logging and saving steps)
+    lock check   no other job took this one's workdir lock over
     logging      train scalars, tokens/s and the progress bar, every log_every_steps
     evaluation   the eval split, every eval_every_steps and at the last step
     record       the step's metrics.jsonl line, before any checkpoint of that step
@@ -77,6 +78,17 @@ class Step:
 class Hook:
     def after_step(self, step: Step) -> bool | None:
         raise NotImplementedError
+
+
+@dataclasses.dataclass
+class LockCheck(Hook):
+    """Stop at once if another job took the workdir lock over (moe_jax.workdir_lock)."""
+
+    lock: Any  # the WorkdirLock this process holds, or None on the processes that hold none
+
+    def after_step(self, step: Step) -> None:
+        if self.lock is not None:
+            self.lock.check()
 
 
 class DivergenceCheck(Hook):

@@ -1,11 +1,14 @@
 """A Cloud Storage emulator (gcp-storage-emulator, served from this process) that keeps the object
 generation rules tensorstore's OCDBT driver (Orbax's array store) relies on and the emulator leaves out:
-a request carrying ifGenerationMatch fails with 412 when the object's generation differs (0: the object
-must not exist), a download whose ifGenerationNotMatch holds answers 304, and a download names its
-generation in x-goog-generation. Without the first, concurrent writers of one manifest.ocdbt all "win"
-and the checkpoint is corrupt ("Malformed StorageGeneration").
+a request carrying ifGenerationMatch (a multipart upload too, whose body names the object) fails with
+412 when the object's generation differs (0: the object must not exist), a download whose
+ifGenerationNotMatch holds answers 304, and a download names its generation in x-goog-generation.
+Without the first, concurrent writers of one manifest.ocdbt all "win" and the checkpoint is corrupt
+("Malformed StorageGeneration"), and the workdir lock's exclusive create never refuses.
 https://cloud.google.com/storage/docs/request-preconditions"""
 import contextlib
+import io
+import json
 import re
 from collections.abc import Iterator
 from http import HTTPStatus
@@ -19,6 +22,15 @@ from tests.faults import cli
 _OBJECT = re.compile(r"/b/(?P<bucket>[-.\w]+)/o(?:/(?P<name>[^/]+))?$")
 
 
+def _multipart_name(handler) -> str | None:
+    """The object name of a multipart upload (gcsfs's small writes), read from the JSON part of its
+    body; the body is put back for the emulator to read."""
+    body = handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+    handler.rfile = io.BytesIO(body)
+    match = re.search(rb'"name"\s*:\s*"((?:[^"\\]|\\.)*)"', body)
+    return json.loads(b'"' + match[1] + b'"') if match else None
+
+
 def _generation(handler) -> tuple[str | None, dict]:
     """The addressed object's current generation ("0" if absent; None: not an object request) and the
     request's query."""
@@ -26,6 +38,8 @@ def _generation(handler) -> tuple[str | None, dict]:
     query = parse_qs(url.query)
     match = _OBJECT.search(url.path)
     name = match and (match["name"] or query.get("name", [None])[0])
+    if match and not name and query.get("uploadType") == ["multipart"]:
+        name = _multipart_name(handler)
     if not name:
         return None, query
     try:

@@ -1,16 +1,19 @@
 """A gs:// workdir against a Cloud Storage emulator (gcp-storage-emulator, in this process on
-127.0.0.1): the main job trains into the bucket, is killed with -9, resumes bit-identically to a
-local run, evaluates from the bucket, and leaves nothing on local disk. Every client of the stack
+127.0.0.1): the main job trains into the bucket, refuses a second job on it, is killed with -9,
+takes its lock over and resumes bit-identically to a local run, evaluates from the bucket, and leaves
+nothing on local disk. Every client of the stack
 is pointed at the emulator by the environment: gcsfs (etils.epath, Orbax's metadata) and
 google-cloud-storage (tensorboardX) by STORAGE_EMULATOR_HOST, tensorstore (Orbax's arrays) by
 TENSORSTORE_GCS_HTTP_URL."""
+import json
 import signal
+import time
 
 import fsspec
 import pytest
 from etils import epath
 
-from moe_jax import configuration, data, paths
+from moe_jax import configuration, data, paths, workdir_lock
 from tests.faults import cli
 
 pytest.importorskip("gcp_storage_emulator.server",
@@ -69,6 +72,9 @@ def test_train_kill_resume_and_evaluate_in_a_bucket(gcs):
     assert saved and max(saved) < STEPS
     again = cli.run(args(root, workdir), env, root / "logs", "restart")
     assert cli.resumed_from(again) == max(saved)
+    assert "taking over the workdir lock of job" in again.stderr and f"pid {job.pid}" in again.stderr
+    fresh_listings()
+    assert not (epath.Path(workdir) / workdir_lock.NAME).exists()  # given back at the end
     # The resumed run's metrics, read back from the bucket, equal the uninterrupted local run's.
     fresh_listings()
     assert cli.without_timing(cli.metrics(workdir)) == cli.without_timing(cli.metrics(local))
@@ -79,6 +85,24 @@ def test_train_kill_resume_and_evaluate_in_a_bucket(gcs):
     assert "loss" in evaluated.stdout, evaluated.report()
     # Nothing landed on local disk under a 'gs:' folder (os.path.abspath('gs://b/x') = '<cwd>/gs:/b/x').
     assert not (cli.ROOT / "gs:").exists()
+
+
+def test_a_live_lock_in_the_bucket_refuses_a_job(gcs):
+    """A job whose lock object exists already (ifGenerationMatch=0 fails) and is alive (another host, a
+    fresh heartbeat) is refused, naming it, and writes nothing."""
+    root, env = gcs
+    workdir = epath.Path(f"gs://{BUCKET}/runs/held")
+    now = time.time()
+    held = {"job": "elsewhere", "host": "another-host", "pid": 4242, "started": now, "heartbeat": now,
+            "beat": 0}
+    (workdir / workdir_lock.NAME).write_text(json.dumps(held))
+    job = cli.run(args(root, workdir), env, root / "logs", "held", expect=None)
+    assert job.proc.returncode != 0, job.report()
+    assert any("job elsewhere (host another-host, pid 4242" in line for line in job.error_lines()), \
+        job.report()
+    fresh_listings()
+    assert json.loads((workdir / workdir_lock.NAME).read_text()) == held
+    assert [p.name for p in workdir.iterdir()] == [workdir_lock.NAME]
 
 
 def test_tokenizer_from_the_bucket_and_a_data_dir_url_refused(gcs, tmp_path):

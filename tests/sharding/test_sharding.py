@@ -1,5 +1,5 @@
-"""Expert parallelism on 8 emulated devices: sharded equals unsharded (training and generation),
-experts split evenly, checkpoints restore across meshes, all-to-all in the compiled step, and bad
+"""Expert parallelism on 8 emulated devices: sharded equals unsharded (training, evaluation and
+generation), experts split evenly, checkpoints restore across meshes, all-to-all in the compiled step, and bad
 meshes refused."""
 import re
 
@@ -171,3 +171,24 @@ def test_generation_on_the_mesh_equals_generation_on_one_device(router, mesh_sha
     model = nnx.merge(one.eval_graphdef, *jax.device_get((state.params, state.rest)))
     expected = generate(model, jnp.asarray(prompts), jnp.asarray(valid), max_new_tokens=6, rng=rng)
     np.testing.assert_array_equal(tokens, np.asarray(expected))
+
+
+@pytest.mark.parametrize("router, mesh_shape", [("top1", (2, 4, 1)), ("top2", (1, 8, 1))])
+def test_evaluation_on_the_mesh_equals_evaluation_on_one_device(router, mesh_shape):
+    """Trainer.jit_eval_step (what --mode=eval and the evaluations during training run) on the mesh,
+    the expert weights split over the expert axis, gives the single-device model's eval metrics."""
+    config = config_for(router, 8, mesh_shape)
+    trainer = Trainer(config, configuration.validate(config), mesh=sharding.make_mesh(mesh_shape))
+    state = trainer.create_state(0)
+    experts = [x for path, x in jax.tree_util.tree_leaves_with_path(state.params) if "experts" in str(path)]
+    # each device holds its E / (expert shards) experts, not all of them
+    assert experts and all(x.addressable_shards[0].data.nbytes == x.nbytes // mesh_shape[1] for x in experts)
+    batch = synthetic_batch(config)
+    sharded = jax.device_get(trainer.jit_eval_step()(state, trainer.shard_batch(batch)))
+    one = Trainer(config, configuration.validate(config),
+                  mesh=sharding.make_mesh((1, 1, 1), jax.devices()[:1]))
+    alone = jax.device_put(jax.device_get(state), one.state_sharding)
+    expected = jax.device_get(one.jit_eval_step()(alone, one.shard_batch(batch)))
+    assert jax.tree.structure(sharded) == jax.tree.structure(expected)
+    for got, want in zip(jax.tree.leaves(sharded), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
