@@ -59,10 +59,12 @@ def test_collect_reads_curves_and_final_figures(tmp_path):
 
 def test_a_shared_run_is_reused_only_for_its_own_config():
     shared = {r.name: r for r in top1_vs_top2.runs() if r.same_as}
-    assert set(shared) == set(top1_vs_top2.SHARED)
-    run = shared["top1_cf1.25"]
+    assert {r.group for r in shared.values()} == set(top1_vs_top2.SHARED)
+    assert len(shared) == len(top1_vs_top2.SHARED) * len(top1_vs_top2.SEEDS)
+    run = shared["top1_cf1.25_s1"]
     result = runner.load_results(top1_vs_top2.NAME, [run])[0]
-    assert result["name"] == "top1_cf1.25" and result["same_as"] == "headline/switch_e8_s0"
+    assert result["name"] == "top1_cf1.25_s1" and result["same_as"] == "headline/switch_e8_s1"
+    assert result["group"] == "top1_cf1.25" and result["overrides"]["seed"] == 1
     other = runner.Run(run.name, run.config, {**run.overrides, "moe.k": 2}, same_as=run.same_as)
     with pytest.raises(SystemExit, match="another config"):
         runner.load_results(top1_vs_top2.NAME, [other])
