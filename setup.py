@@ -18,6 +18,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1,<3",
     "etils[epath]>=1.15,<2",
     "numpy>=2.0,<3",
+    "safetensors>=0.8,<0.9",  # moe_jax.convert: Hugging Face checkpoints without torch
 ]
 
 GCS = ["gcsfs>=2026.9,<2027", "google-cloud-storage>=3.17,<4"]

@@ -36,6 +36,9 @@ class MoEConfig:
     capacity_rounding: str = "ceil"
     min_capacity: int = 1  # Flaxformer uses 4
     capacity_multiple_of: int = 1
+    # > 0: a fixed number of slots per expert and group in training and evaluation, in place of the
+    # factors (Hugging Face SwitchTransformers' absolute expert_capacity, one group per sequence).
+    expert_capacity: int = 0
     group_size: int = 0  # most tokens per routing group (see MoELayer.group_shape); 0: one sequence
     # Fill order of expert buffers (see routing/capacity.py).
     order: str = "rank_major"
@@ -66,8 +69,8 @@ class MoEConfig:
                                ("router_dtype", ROUTER_DTYPES)):
             validation.choice("moe", field, getattr(self, field), allowed)
         for field, low in (("num_experts", 1), ("k", 1), ("d_ff", 1), ("min_capacity", 0),
-                           ("capacity_multiple_of", 1), ("group_size", 0), ("num_expert_groups", 1),
-                           ("k_groups", 1), ("soft_slots_per_expert", 1), ("num_shared_experts", 0)):
+                           ("expert_capacity", 0), ("capacity_multiple_of", 1), ("group_size", 0),
+                           ("num_expert_groups", 1), ("k_groups", 1), ("soft_slots_per_expert", 1), ("num_shared_experts", 0)):
             validation.integer("moe", field, getattr(self, field), low)
         for field in ("train_capacity_factor", "eval_capacity_factor", "router_init_scale", "jitter_eps",
                       "bias_update_rate", "routed_scaling_factor", "expert_dropout"):
@@ -81,7 +84,19 @@ class MoEConfig:
                              + (f"supports {kind.dispatches}" if kind.dispatches
                                 else "mixes the experts itself")
                              + ": choose one of them or 'auto'")
+        self._check_expert_capacity(kind)
         kind.validate(self)
+
+    def _check_expert_capacity(self, kind: routers.RouterKind) -> None:
+        if not self.expert_capacity:
+            return
+        if not kind.has_capacity:
+            raise ValueError(f"moe.expert_capacity={self.expert_capacity} does not apply to "
+                             f"moe.router={self.router!r}, which has no expert buffers: leave it at 0")
+        if self.train_capacity_factor <= 0 or self.eval_capacity_factor <= 0:
+            raise ValueError(f"moe.expert_capacity={self.expert_capacity} fixes the capacity, and a "
+                             "capacity factor <= 0 asks for none (dropless): set expert_capacity=0 or both "
+                             "factors > 0")
 
     def _refuse_ignored_options(self, kind: routers.RouterKind) -> None:
         defaults = {f.name: f.default for f in dataclasses.fields(self)}

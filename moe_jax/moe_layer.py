@@ -72,6 +72,8 @@ class MoELayer(nnx.Module):
         cf = cfg.eval_capacity_factor if self.deterministic else cfg.train_capacity_factor
         if not kind.has_capacity:
             return None
+        if cfg.expert_capacity:  # a fixed count; S slots already hold every token
+            return min(cfg.expert_capacity, group_size)
         return routing.compute_capacity(group_size, cfg.num_experts, kind.capacity_choices(cfg), cf,
                                         formula=cfg.capacity_formula,
                                         rounding=cfg.capacity_rounding, min_capacity=cfg.min_capacity,

@@ -68,6 +68,21 @@ def test_train_and_eval_capacity_factors():
     assert layer.capacity(16) == 4
 
 
+def test_a_fixed_expert_capacity_replaces_the_factors():
+    """moe.expert_capacity (HF Switch's absolute count): the same C in training and evaluation, at any
+    group size, capped at S; 3 slots per expert keep at most 3 of a group's tokens per expert."""
+    layer = make(k=1, expert_capacity=3)
+    assert [layer.capacity(s) for s in (2, 8, 64)] == [2, 3, 3]
+    layer.eval()
+    assert layer.capacity(64) == 3
+    layer.train()
+    decision = layer.router(x_batch().reshape(2, 8, D), capacity=layer.capacity(8), train=True)
+    kept = np.asarray(decision.position >= 0)  # [G, S, K]
+    experts = np.asarray(decision.expert_index)
+    per_expert = [np.sum(kept[g] & (experts[g] == e)) for g in range(2) for e in range(4)]
+    assert max(per_expert) == 3 and np.asarray(decision.position).max() == 2, per_expert
+
+
 def test_token_dropped_everywhere_leaves_the_layer_as_zero():
     layer = make(k=1, train_capacity_factor=0.25)  # one slot per expert per group of 8
     x = x_batch()
@@ -180,6 +195,9 @@ NOT_READ = [
     (dict(router="expert_choice", order="token_major"), "moe.order='token_major' does not apply"),
     (dict(router="soft", batch_prioritized=True), "moe.batch_prioritized=True does not apply"),
     (dict(router="dense", k=2), "moe.k=2 does not apply to moe.router='dense'"),
+    (dict(router="soft", expert_capacity=4), "moe.expert_capacity=4 does not apply to moe.router='soft'"),
+    (dict(expert_capacity=4, train_capacity_factor=0.0), "moe.expert_capacity=4 fixes the capacity"),
+    (dict(expert_capacity=-1), "expert_capacity"),
 ]
 
 

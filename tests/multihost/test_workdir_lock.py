@@ -72,6 +72,8 @@ def test_every_process_of_a_refused_multiprocess_job_exits(tmp_path):
 
 def test_lock_timeout_is_refused_where_no_lock_is_taken(tmp_path):
     env = cli.environment(tmp_path / "jax_cache")
-    args = ["--config=configs/switch_tiny.py", f"--workdir={tmp_path / 'run'}", "--mode=eval", "--lock_timeout=5"]
+    args = ["--config=configs/switch_tiny.py", f"--workdir={tmp_path / 'run'}", "--mode=eval",
+            "--lock_timeout=5"]
     job = cli.run(args, env, tmp_path / "logs", "eval_lock_timeout", expect=None)
-    assert job.proc.returncode != 0 and "--lock_timeout applies to --mode=train only" in job.stderr, job.report()
+    assert job.proc.returncode != 0, job.report()
+    assert "--lock_timeout applies to --mode=train only" in job.stderr, job.report()

@@ -1,0 +1,254 @@
+"""moe_jax.convert against transformers: tiny random-weight T5 v1.0, T5.1.1, Switch and Mixtral
+models saved by transformers with the logits it computed (tests/fixtures/hf, made by
+tests/fixtures/hf/make_fixtures.py; see its docstring to refresh them). No torch needed here.
+
+Imported models must give transformers' logits to 1e-4 relative (max |diff| / max |logit|, float32),
+Switch with token dropping (its fixture's expert_capacity=2) and without; export must write back
+the very tensors it read (bit for bit) and a config.json that agrees in every field that matters;
+bad input is refused with the file or field named. The CLI test imports the Switch fixture into a
+workdir and evaluates it with `python -m moe_jax.main --mode=eval` on the offline corpus.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from moe_jax import convert
+from moe_jax.convert import __main__ as convert_cli
+from moe_jax.convert import hf_io, workdir
+from tests.faults import cli
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
+NAMES = ("t5_v1_0", "t5_v1_1", "switch", "mixtral")
+# config.json fields whose values change what the model computes, per model_type.
+T5_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+             "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
+             "model_type", "architectures", "is_encoder_decoder")
+MATTERS = {"t5": T5_FIELDS + ("feed_forward_proj",),
+           "switch_transformers": T5_FIELDS + ("dense_act_fn", "num_experts", "expert_capacity",
+                                               "router_bias", "router_dtype", "num_sparse_encoder_layers",
+                                               "num_sparse_decoder_layers", "router_jitter_noise",
+                                               "tie_word_embeddings"),
+           "mixtral": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+                       "num_experts_per_tok", "hidden_act", "rms_norm_eps", "sliding_window",
+                       "tie_word_embeddings", "model_type", "architectures")}
+
+
+def fixture(name):
+    return os.path.join(FIXTURES, name)
+
+
+def data(name):
+    return dict(np.load(os.path.join(fixture(name), "logits.npz")))
+
+
+def run(model, arrays):
+    if "decoder_input_ids" in arrays:
+        return model(arrays["input_ids"], arrays["decoder_input_ids"])
+    return model(arrays["input_ids"])
+
+
+def relative_error(got, want):
+    return float(np.max(np.abs(np.asarray(got) - want)) / np.max(np.abs(want)))
+
+
+@pytest.fixture(scope="module")
+def imported():
+    return {name: convert.from_hf(fixture(name)) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_equal_transformers(imported, name):
+    _, model = imported[name]
+    arrays = data(name)
+    logits, aux = run(model, arrays)
+    assert logits.shape == arrays["logits"].shape
+    assert relative_error(logits, arrays["logits"]) < 1e-4
+    if name == "switch":  # expert_capacity=2 for rows of 12 tokens over 4 experts: tokens are dropped
+        assert float(aux["moe"]["encoder"].stats["dropped_fraction"][0]) > 0.3
+
+
+def test_switch_without_dropping_equals_transformers(tmp_path):
+    shutil.copytree(fixture("switch"), tmp_path / "switch")
+    path = tmp_path / "switch" / "config.json"
+    hf = json.loads(path.read_text())
+    path.write_text(json.dumps({**hf, "expert_capacity": 64}))
+    config, model = convert.from_hf(str(tmp_path / "switch"))
+    assert config.moe.expert_capacity == 64
+    arrays = data("switch")
+    logits, aux = run(model, arrays)
+    assert float(aux["moe"]["encoder"].stats["dropped_fraction"][0]) == 0.0
+    assert relative_error(logits, arrays["logits_no_drop"]) < 1e-4
+    assert relative_error(logits, arrays["logits"]) > 1e-2  # the two fixtures do differ
+
+
+def test_switch_capacity_is_transformers_absolute_count_per_row(imported):
+    config, model = imported["switch"]
+    moe = config.moe
+    routing = (moe.group_size, moe.order, moe.k, moe.renormalize, moe.router)
+    assert routing == (0, "rank_major", 1, False, "top_k")
+    layer = model.encoder.units.layers[1].ffn
+    assert layer.group_shape(3, 12) == (3, 12)  # one routing group per batch row
+    for length in (1, 2, 5, 12, 4096, 10 ** 6):
+        assert layer.capacity(length) == min(2, length)
+
+
+def test_configs_state_the_checkpoints_choices(imported):
+    assert imported["t5_v1_0"][0].model.tie_embeddings and imported["t5_v1_0"][0].model.activation == "relu"
+    t511 = imported["t5_v1_1"][0].model
+    assert not t511.tie_embeddings and t511.activation == "geglu"
+    mixtral = imported["mixtral"][0]
+    assert (mixtral.model.num_kv_heads, mixtral.model.position, mixtral.moe.k, mixtral.moe.renormalize) == (
+        2, "rope", 2, True)
+    assert mixtral.moe.train_capacity_factor == mixtral.moe.eval_capacity_factor == 0.0
+
+
+def test_t5_query_weights_carry_sqrt_d_kv(imported):
+    _, model = imported["t5_v1_0"]
+    hf = load_file(os.path.join(fixture("t5_v1_0"), "model.safetensors"))
+    q = np.asarray(model.encoder.units.layers[0].attn.query[...])[0]  # [D, H, Dh] of layer 0
+    want = hf["encoder.block.0.layer.0.SelfAttention.q.weight"].T.reshape(32, 2, 16) * 4.0  # sqrt(16)
+    np.testing.assert_array_equal(q, want)
+
+
+def assert_same_checkpoint(exported, name):
+    want = load_file(os.path.join(fixture(name), "model.safetensors"))
+    got = hf_io.read_tensors(str(exported))
+    assert sorted(got) == sorted(want)
+    for key, array in want.items():
+        assert got[key].dtype == array.dtype and got[key].tobytes() == array.tobytes(), key
+    hf_want = json.loads(open(os.path.join(fixture(name), "config.json")).read())
+    hf_got = json.loads((exported / "config.json").read_text())
+    for key in MATTERS[hf_want["model_type"]]:
+        assert hf_got.get(key) == hf_want.get(key), key
+    family = convert.FAMILIES[hf_want["model_type"]]
+    if hasattr(family, "scaled"):
+        assert family.scaled(hf_got) == family.scaled(hf_want)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_export_round_trips_bit_exactly(imported, tmp_path, name):
+    config, model = imported[name]
+    convert.to_hf(config, model, str(tmp_path))
+    assert_same_checkpoint(tmp_path, name)
+
+
+def test_sharded_checkpoints_read_and_write(imported, tmp_path):
+    config, model = imported["mixtral"]
+    convert.to_hf(config, model, str(tmp_path), max_shard_bytes=40_000)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert len(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) > 20
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2
+    _, again = convert.from_hf(str(tmp_path))
+    np.testing.assert_array_equal(run(again, data("mixtral"))[0], run(model, data("mixtral"))[0])
+
+
+def test_mixtral_fused_expert_layout_imports_alike(imported, tmp_path):
+    """transformers 5.x's in-memory layout: gate_up_proj [E, 2F, D] with the gate rows first."""
+    tensors = load_file(os.path.join(fixture("mixtral"), "model.safetensors"))
+    for i in range(2):
+        old = f"model.layers.{i}.block_sparse_moe"
+        w = {n: [tensors.pop(f"{old}.experts.{e}.{n}.weight") for e in range(4)] for n in ("w1", "w2", "w3")}
+        tensors[f"model.layers.{i}.mlp.experts.gate_up_proj"] = np.stack(
+            [np.concatenate([g, u]) for g, u in zip(w["w1"], w["w3"])])  # E x [2F, D] -> [E, 2F, D]
+        tensors[f"model.layers.{i}.mlp.experts.down_proj"] = np.stack(w["w2"])  # E x [D, F] -> [E, D, F]
+        tensors[f"model.layers.{i}.mlp.gate.weight"] = tensors.pop(f"{old}.gate.weight")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    shutil.copy(os.path.join(fixture("mixtral"), "config.json"), tmp_path)
+    _, fused = convert.from_hf(str(tmp_path))
+    np.testing.assert_array_equal(run(fused, data("mixtral"))[0],
+                                  run(imported["mixtral"][1], data("mixtral"))[0])
+
+
+def edited(tmp_path, name, config_changes=None, tensors=None):
+    """A copy of fixture `name` with config.json fields changed and/or other tensors."""
+    out = tmp_path / name
+    shutil.copytree(fixture(name), out)
+    if config_changes:
+        hf = json.loads((out / "config.json").read_text())
+        (out / "config.json").write_text(json.dumps({**hf, **config_changes}))
+    if tensors is not None:
+        save_file(tensors, str(out / "model.safetensors"))
+    return str(out)
+
+
+def test_bad_input_is_refused_with_the_field_named(tmp_path):
+    hf_tensors = load_file(os.path.join(fixture("switch"), "model.safetensors"))
+    cases = [
+        (str(tmp_path / "nowhere"), r"config\.json does not exist"),
+        (edited(tmp_path, "t5_v1_0", {"model_type": "bert"}), r"model_type='bert'.*knows"),
+        (edited(tmp_path, "switch", {"router_bias": True}), r"router_bias=True is not supported"),
+        (edited(tmp_path, "mixtral", {"sliding_window": 4}), r"sliding_window=4 is not supported"),
+        (edited(tmp_path, "t5_v1_1", {"feed_forward_proj": "gated-relu"}), r"feed_forward_proj='gated-relu'"),
+    ]
+    two = dict(hf_tensors)
+    two.pop("encoder.block.1.layer.1.mlp.experts.expert_3.wo.weight")
+    cases.append((edited(tmp_path / "a", "switch", tensors=two), r"lacks tensors.*expert_3\.wo"))
+    extra = {**hf_tensors, "encoder.block.9.layer.0.SelfAttention.q.weight": np.zeros((2, 2), np.float32)}
+    cases.append((edited(tmp_path / "b", "switch", tensors=extra), r"does not map.*block\.9"))
+    untied = {**hf_tensors, "encoder.embed_tokens.weight": hf_tensors["shared.weight"] + 1,
+              "decoder.embed_tokens.weight": hf_tensors["shared.weight"],
+              "lm_head.weight": hf_tensors["shared.weight"]}
+    cases.append((edited(tmp_path / "c", "switch", {"tie_word_embeddings": False}, untied),
+                  r"decoder\.embed_tokens\.weight differs from encoder\.embed_tokens\.weight"))
+    cases.append((edited(tmp_path / "d", "switch", {"num_layers": 4, "num_sparse_encoder_layers": 1}),
+                  r"num_sparse_encoder_layers=1 is not supported: transformers makes layers \[1\]"))
+    for path, pattern in cases:
+        with pytest.raises(convert.ConversionError, match=pattern):
+            convert.from_hf(path)
+    os.remove(os.path.join(cases[1][0], "model.safetensors"))
+    open(os.path.join(cases[1][0], "pytorch_model.bin"), "w").close()
+    with pytest.raises(convert.ConversionError, match=r"has neither.*safe_serialization=True"):
+        hf_io.read_tensors(cases[1][0])
+
+
+def test_switch_export_of_a_capacity_factor_needs_the_row_length(imported, tmp_path):
+    config, model = imported["switch"]
+    factor = config.copy_and_resolve_references()
+    factor.moe.update(dict(expert_capacity=0, capacity_rounding="ceil", train_capacity_factor=1.25,
+                           eval_capacity_factor=2.0))
+    with pytest.raises(convert.ConversionError, match="pass capacity_length"):
+        convert.to_hf(factor, model, str(tmp_path))
+    hf = convert.to_hf(factor, model, str(tmp_path), capacity_length=12)
+    assert hf["expert_capacity"] == 6  # ceil(2.0 * 12 / 4)
+
+
+def test_cli_import_eval_export(tmp_path):
+    """Import into a workdir, `python -m moe_jax.main --mode=eval` on it, export bit-exactly back."""
+    wd = tmp_path / "wd"
+    overrides = {"data.spm_vocab_size": 400, "data.extra_ids": 8, "data.corpus_max_files": 30,
+                 "data.data_dir": str(tmp_path / "tfds"), "batch_size": 2, "seq_len": 32, "num_eval_steps": 1}
+    config_path = workdir.import_checkpoint(fixture("switch"), str(wd),
+                                            [f"{k}={v}" for k, v in overrides.items()])
+    assert re.search(r"expert_capacity': 2", open(config_path).read())
+    env = cli.environment(tmp_path / "jax_cache")
+    job = subprocess.run([sys.executable, "-m", "moe_jax.main", f"--config={config_path}", f"--workdir={wd}",
+                          "--mode=eval"], cwd=cli.ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stderr[-3000:]
+    loss = float(re.search(r"^loss +(\S+)$", job.stdout, re.M).group(1))
+    assert np.isfinite(loss) and loss > 0
+    assert re.search(r"^step +0$", job.stdout, re.M)
+    assert convert_cli.main(["export", f"--workdir={wd}", f"--hf_dir={tmp_path / 'out'}"]) == 0
+    assert_same_checkpoint(tmp_path / "out", "switch")
+
+
+def test_bfloat16_checkpoints_import_as_bfloat16_and_export_bit_exactly(tmp_path):
+    import ml_dtypes  # noqa: PLC0415 (JAX's numpy dtypes)
+
+    tensors = load_file(os.path.join(fixture("mixtral"), "model.safetensors"))
+    bf16 = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}  # [...] f32 -> bf16
+    source = edited(tmp_path, "mixtral", {"dtype": "bfloat16"}, bf16)
+    config, model = convert.from_hf(source)
+    assert config.model.dtype == "bfloat16"
+    convert.to_hf(config, model, str(tmp_path / "out"))
+    got = hf_io.read_tensors(str(tmp_path / "out"))
+    assert sorted(got) == sorted(bf16)
+    for key, array in bf16.items():
+        assert got[key].dtype == array.dtype and got[key].tobytes() == array.tobytes(), key
