@@ -1,5 +1,6 @@
-"""T5-Base (Raffel et al. 2020), the Switch paper's dense baseline at full size: 12+12 layers,
-d_model 768, ReLU FFN 3072, tied embeddings, 32k vocabulary; about 0.22B parameters. For Cloud TPU;
+"""T5-Base v1.0 (Raffel et al. 2020), the Switch paper's dense baseline at full size: 12+12 layers,
+d_model 768, ReLU FFN 3072, tied embeddings, 32k vocabulary; about 0.22B parameters (T5.1.1:
+configs/t5_1_1_base.py). For Cloud TPU;
 `--config=configs/t5_base.py:tiny` runs the same architecture on a CPU."""
 from configs import base
 

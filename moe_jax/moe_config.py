@@ -70,7 +70,8 @@ class MoEConfig:
             validation.choice("moe", field, getattr(self, field), allowed)
         for field, low in (("num_experts", 1), ("k", 1), ("d_ff", 1), ("min_capacity", 0),
                            ("expert_capacity", 0), ("capacity_multiple_of", 1), ("group_size", 0),
-                           ("num_expert_groups", 1), ("k_groups", 1), ("soft_slots_per_expert", 1), ("num_shared_experts", 0)):
+                           ("num_expert_groups", 1), ("k_groups", 1), ("soft_slots_per_expert", 1),
+                           ("num_shared_experts", 0)):
             validation.integer("moe", field, getattr(self, field), low)
         for field in ("train_capacity_factor", "eval_capacity_factor", "router_init_scale", "jitter_eps",
                       "bias_update_rate", "routed_scaling_factor", "expert_dropout"):

@@ -163,12 +163,17 @@ def test_published_sizes():
     tied embeddings). Switch paper (Fedus et al. 2021) Table 9: Switch-Base 7B and Switch-Large 26B
     (128 experts in every other FFN; T5-Base 0.2B, T5-Large 0.7B). Switch-Large here is switch_base
     at T5-Large's size: d_model 1024, 16 heads of 64, FFN and experts 4096 wide, 24+24 layers.
+    T5.1.1-Base: 0.25B (gated GELU 2048, untied).
     Mixtral 8x7B: 46.7B parameters, 12.9B active per token (Jiang et al. 2024).
     """
     def billions(config):
         return accounting.account_config(config).total_params / 1e9
 
     assert round(billions(load("t5_base.py")), 2) == 0.22
+    # T5.1.1-Base by hand: input and output embeddings 2 x 32128 x 768, 12 encoder layers of 4 x 768^2
+    # attention + 3 x 768 x 2048 gated FFN + 2 norms, 12 decoder layers with cross-attention and 3 norms,
+    # two 32 x 12 relative-bias tables and two final norms
+    assert accounting.account_config(load("t5_1_1_base.py")).total_params == 247_577_856
     assert round(billions(load("switch_base.py"))) == 7
     large = load("switch_base.py")
     large.model.update(dict(d_model=1024, num_heads=16, head_dim=64, d_ff=4096, num_encoder_layers=24,
