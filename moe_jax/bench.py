@@ -6,6 +6,7 @@ FLOP-matched dense FFN, and the real training step of any config.
         [--activation=relu,swiglu] [--tokens=32768] [--d_model=128] [--d_ff=512] [--seq_len=512]
     JAX_PLATFORMS=cpu python -m moe_jax.bench train --config=configs/switch_tiny.py \\
         [--baseline=configs/dense_tiny.py] [--steps=10] [--compile_only] [--compile_reps=3] [--json]
+    JAX_PLATFORMS=cpu python -m moe_jax.bench {layer,train} --topology=v5e-1 [flags]  # TPU cost model
 
 layer: forward + backward (gradients of the parameters and of the input; loss = <y, probe> +
 1e-2 x balance loss + 1e-3 x z-loss) of MoELayer on x [B, L, D] (B x L = --tokens), and in the
@@ -29,12 +30,17 @@ size fits: nothing is allocated) and reports compile times. Lower and compile ti
 of --compile_reps rounds, the configs interleaved within each round: the first compile in a
 process also pays the compiler's own warm-up (about 2 s on XLA:CPU), which a single round would
 charge to whichever config comes first.
+
+--topology (a Cloud TPU accelerator type; libtpu, `pip install -e .[tpu]`): compile for one chip
+(layer) or the whole slice (train) instead of running, and report the TPU compiler's estimate against
+the dense twin (or --baseline) and, per layer point, the chip's roofline (moe_jax.cost_model).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -46,12 +52,15 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from moe_jax import configuration, validation
+from moe_jax import configuration, cost_model, validation
 from moe_jax.experts import FeedForward, is_gated
 from moe_jax.moe_config import MoEConfig
 from moe_jax.moe_layer import MoELayer
 
 _FLAGS = flags.FLAGS
+flags.DEFINE_string("topology", None, "Compile for this Cloud TPU accelerator type (v5e-1, v5e-16, ...) "
+                    "and report the TPU compiler's cost model instead of running.")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "layer: activation and compute dtype.")
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of a table.")
 flags.DEFINE_integer("reps", 5, "Timed calls (layer) or steps (train, see --steps) after the warm-up.")
 # layer
@@ -105,8 +114,8 @@ def time_interleaved(fns, reps: int, budget: float | None = None) -> list[list[f
 
 
 # ----------------------------------------------------------------------------- layer
-def grad_step(module: nnx.Module, x: jax.Array):
-    """A compiled forward + backward of `module` at x: returns (call, compiled)."""
+def grad_program(module: nnx.Module, x: jax.Array):
+    """The jitted forward + backward of `module` at x and its arguments (params, x, probe)."""
     graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     probe = jax.random.normal(jax.random.key(1), x.shape, x.dtype)  # a random output cotangent
 
@@ -118,8 +127,18 @@ def grad_step(module: nnx.Module, x: jax.Array):
         return jnp.sum(out * probe), out
 
     # y is returned, as a layer inside a network hands it on (else XLA drops the last matmul).
-    compiled = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)).lower(params, x, probe).compile()
-    return (lambda: jax.block_until_ready(compiled(params, x, probe))), compiled
+    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True)), (params, x, probe)
+
+
+def grad_step(module: nnx.Module, x: jax.Array):
+    """A compiled forward + backward of `module` at x: returns (call, compiled)."""
+    jitted, args = grad_program(module, x)
+    compiled = jitted.lower(*args).compile()
+    return (lambda: jax.block_until_ready(compiled(*args))), compiled
+
+
+def make(build):  # build() -> a module; abstract under --topology (compiled only, nothing allocated)
+    return nnx.eval_shape(build) if _FLAGS.topology else build()
 
 
 def temp_bytes(compiled) -> int:
@@ -161,25 +180,28 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
     n_mats = 3 if is_gated(activation) else 2
     cfg = MoEConfig(num_experts=E, k=k, d_ff=F, activation=activation, train_capacity_factor=cf,
                     group_size=max_group, dispatch="index" if dispatch == EXPERTS_ONLY else dispatch)
-    layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
+    layer = make(lambda: MoELayer(cfg, D, dtype=jnp.dtype(_FLAGS.dtype), rngs=nnx.Rngs(0)))
     G, S = layer.group_shape(T // L, L)
     C = layer.capacity(S)
     if dispatch == EXPERTS_ONLY:
         layer = ExpertsOnly(layer.experts, E)
     rec = dict(dispatch=dispatch, num_experts=E, k=k, capacity_factor=cf, group_size=S, capacity=C, tokens=T,
                d_model=D, d_ff=F, activation=activation, gated=is_gated(activation),
-               tokens_per_expert=T * k / E,
+               tokens_per_expert=T * k / E, dtype=_FLAGS.dtype,
                floor=1.0 if dispatch == EXPERTS_ONLY else 1 + E / (n_mats * k * F), device=device_line())
     slots = E * (S if C is None else C)  # slots per group
     flops = matmul_flops(dispatch, T=T, D=D, F=F, E=E, k=k,
                          rows=G * slots if dispatch != "dropless" else T * k,
                          n_mats=n_mats, einsum_slots=slots)
-    estimate = flops / dense["flops"] * dense["seconds"] * (_FLAGS.reps + 1)
-    if estimate > _FLAGS.max_seconds:
-        return {**rec, "skipped": f"estimated {estimate:.0f} s > --max_seconds={_FLAGS.max_seconds:.0f}"}
     if dispatch == EXPERTS_ONLY and G * slots != T:
         return {**rec,
                 "skipped": "experts-only needs buffers of T rows (k = 1, capacity factor 1, C = S / E)"}
+    if _FLAGS.topology:
+        return cost_model.layer_point(rec, grad_program(layer, dense["x"]), dense, _FLAGS.topology,
+                                      T * k // E if C is None else G * C, routed=dispatch != EXPERTS_ONLY)
+    estimate = flops / dense["flops"] * dense["seconds"] * (_FLAGS.reps + 1)
+    if estimate > _FLAGS.max_seconds:
+        return {**rec, "skipped": f"estimated {estimate:.0f} s > --max_seconds={_FLAGS.max_seconds:.0f}"}
     masks = 4 * 4 * T * slots if dispatch == "einsum" else 0  # float32 [G, S, E, C] x (2 masks + 2 gradients)
     if masks > MEMORY_LIMIT:
         return {**rec, "skipped": f"one-hot masks need about {masks / 2 ** 30:.1f} GiB"}
@@ -203,21 +225,32 @@ def dense_twin(k: int, activation: str) -> dict:
     T, L, D, F = _FLAGS.tokens, _FLAGS.seq_len, _FLAGS.d_model, _FLAGS.d_ff
     if T % L:
         raise app.UsageError(f"--tokens={T} must be a multiple of --seq_len={L}")
-    x = jax.random.normal(jax.random.key(0), (T // L, L, D), jnp.float32)
-    call, compiled = grad_step(FeedForward(D, F * k, activation=activation, rngs=nnx.Rngs(0)), x)
+    dtype, n_mats = jnp.dtype(_FLAGS.dtype), 3 if is_gated(activation) else 2
+    x = jax.random.normal(jax.random.key(0), (T // L, L, D), jnp.float32).astype(dtype)
+    ffn = make(lambda: FeedForward(D, F * k, activation=activation, dtype=dtype, rngs=nnx.Rngs(0)))
+    flops = 3.0 * 2 * T * D * F * k * n_mats
+    if _FLAGS.topology:
+        return dict(x=x, **cost_model.dense_point(grad_program(ffn, x), _FLAGS.topology,
+                                                      T, D, F * k, n_mats, dtype.itemsize))
+    call, compiled = grad_step(ffn, x)
     seconds = time_interleaved([call], 1)[0][0]
-    flops = 3.0 * 2 * T * D * F * k * (3 if is_gated(activation) else 2)
     return dict(x=x, call=call, seconds=seconds, flops=flops, temp_bytes=temp_bytes(compiled))
 
 
-TABLE = ("{dispatch:>8} {activation:>6} {num_experts:>4} {k:>2} {capacity_factor:>5} {group_size:>6} "
-         "{capacity!s:>5} {tokens_per_expert:>8.0f} {ms:>9} {dense_ms:>9} {ratio:>6} {paired_ratio:>6} "
-         "{floor:>6.3f} {temp:>9}")
+KEYS = ("{dispatch:>8} {activation:>6} {num_experts:>4} {k:>2} {capacity_factor:>5} {group_size:>6} "
+        "{capacity!s:>5} {tokens_per_expert:>8.0f} ")
+TABLE = KEYS + "{ms:>9} {dense_ms:>9} {ratio:>6} {paired_ratio:>6} {floor:>6.3f} {temp:>9}"
+HEADER = dict(dispatch="dispatch", activation="act", num_experts="E", k="k", capacity_factor="cf",
+              group_size="S", capacity="C", tokens_per_expert="tok/exp")
+TIMED = dict(ms="ms", dense_ms="dense ms", ratio="ratio", paired_ratio="paired", floor="floor",
+             temp="temp MiB")
 
 
 def print_row(rec: dict) -> None:
     if _FLAGS.json:
         return emit(rec)
+    if _FLAGS.topology and "skipped" not in rec:
+        return print((KEYS + cost_model.TABLE_TAIL).format(**rec, **cost_model.cells(rec)), flush=True)
     if "skipped" in rec:
         cells = dict(ms="-", dense_ms="-", ratio="-", paired_ratio="-", temp="skipped: " + rec["skipped"])
     else:
@@ -228,14 +261,12 @@ def print_row(rec: dict) -> None:
 
 def run_layer() -> None:
     if not _FLAGS.json:
-        print(f"# {device_line()}; T={_FLAGS.tokens} D={_FLAGS.d_model} F={_FLAGS.d_ff} L={_FLAGS.seq_len}; "
-              f"median of {_FLAGS.reps} interleaved calls (forward + backward)")
-        print(TABLE.replace(":>8.0f", ":>8").replace(":>6.3f", ":>6").format(
-            dispatch="dispatch", activation="act", num_experts="E", k="k", capacity_factor="cf",
-            group_size="S", capacity="C", tokens_per_expert="tok/exp", ms="ms", dense_ms="dense ms",
-            ratio="ratio", paired_ratio="paired",
-            floor="floor",
-            temp="temp MiB"))
+        cost = _FLAGS.topology is not None
+        print(f"# {f'TPU cost model, one chip of {_FLAGS.topology}, on ' if cost else ''}{device_line()}; "
+              f"T={_FLAGS.tokens} D={_FLAGS.d_model} F={_FLAGS.d_ff} L={_FLAGS.seq_len} {_FLAGS.dtype}; "
+              f"{'' if cost else f'median of {_FLAGS.reps} interleaved calls '}(forward + backward)")
+        table, names = (KEYS + cost_model.TABLE_TAIL, cost_model.HEADER_TAIL) if cost else (TABLE, TIMED)
+        print(re.sub(r":>(\d+)\.\df", r":>\1", table).format(**HEADER, **names))
     for activation in _FLAGS.activation:
         for k in map(int, _FLAGS.k):
             dense = dense_twin(k, activation)
@@ -317,9 +348,14 @@ def run_train() -> None:
         raise app.UsageError("train needs --config=configs/<experiment>.py")
     if _FLAGS.compile_reps < 1:
         raise app.UsageError(f"--compile_reps must be >= 1, got {_FLAGS.compile_reps}")
-    benches = [TrainBench(config_name("config"), _FLAGS.config)]
+    named = [(config_name("config"), _FLAGS.config)]
     if _FLAGS.baseline is not None:
-        benches.append(TrainBench(config_name("baseline"), _FLAGS.baseline))
+        named.append((config_name("baseline"), _FLAGS.baseline))
+    if _FLAGS.topology:
+        for r in cost_model.train_records(named, _FLAGS.topology):
+            emit(r) if _FLAGS.json else print(cost_model.train_line(r), flush=True)
+        return
+    benches = [TrainBench(name, config) for name, config in named]
     for _ in range(_FLAGS.compile_reps):
         for b in benches:
             b.compile()
@@ -362,7 +398,10 @@ def main(argv) -> None:
 
 def run() -> None:
     configuration.make_configs_importable(sys.argv)
-    app.run(main)
+    try:
+        app.run(main)
+    except cost_model.aot.TopologyError as e:  # a wrong accelerator type, or libtpu missing
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

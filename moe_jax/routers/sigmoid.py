@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from moe_jax.routers import base
 from moe_jax.routing import losses
-from moe_jax.routing.token_choice import TokenChoice, bpr_token_order, check_capacity, route_choices
+from moe_jax.routing.token_choice import (TokenChoice, bpr_token_order, check_capacity, one_hot_take,
+                                         route_choices)
 
 
 def group_limited_scores(scores: jax.Array, num_groups: int, k_groups: int) -> jax.Array:
@@ -43,7 +44,7 @@ def sigmoid_choose(logits: jax.Array, *, k: int, capacity: int | None, choice_bi
     if num_groups > 1:
         scores = group_limited_scores(scores, num_groups, k_groups)
     top_scores, expert_index = jax.lax.top_k(scores, k)  # [G, S, K] x2
-    weight = jnp.take_along_axis(affinity, expert_index, axis=-1)  # [G, S, K]
+    weight = one_hot_take(affinity, expert_index)  # [G, S, K]
     if renormalize:
         weight = weight / jnp.sum(weight, axis=-1, keepdims=True)
     token_order = bpr_token_order(top_scores[..., 0]) if batch_prioritized else None

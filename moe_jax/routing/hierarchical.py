@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from moe_jax.routing import capacity as capacity_lib
 from moe_jax.routing import losses
 from moe_jax.routing.token_choice import (TokenChoice, bpr_token_order, check_capacity, check_logits,
-                                         route_choices)
+                                         one_hot_take, route_choices)
 
 
 def hierarchical_choose(
@@ -43,9 +43,14 @@ def hierarchical_choose(
     inner_logits = inner_logits.astype(jnp.float32)
     p_outer = jax.nn.softmax(outer_logits, axis=-1)  # [G, S, E1]
     p_inner = jax.nn.softmax(inner_logits, axis=-1)  # [G, S, E1, E2]
-    w_outer, group = jax.lax.top_k(p_outer, k_outer)  # [G, S, K1]
-    p_inner_chosen = jnp.take_along_axis(p_inner, group[..., None], axis=2)  # [G, S, K1, E2]
-    w_inner, inner = jax.lax.top_k(p_inner_chosen, k_inner)  # [G, S, K1, K2]
+    # Choices by top_k on stopped gradients, their values by one-hot selects: no scatter in the backward.
+    group = jax.lax.top_k(jax.lax.stop_gradient(p_outer), k_outer)[1]  # [G, S, K1]
+    w_outer = one_hot_take(p_outer, group)  # [G, S, K1]
+    chosen = group[..., None] == jnp.arange(E1, dtype=group.dtype)  # [G, S, K1, E1]
+    # [G, S, K1, E1, E2] -> [G, S, K1, E2]: each chosen group's inner probabilities
+    p_inner_chosen = jnp.sum(jnp.where(chosen[..., None], p_inner[:, :, None], 0), axis=3)
+    inner = jax.lax.top_k(jax.lax.stop_gradient(p_inner_chosen), k_inner)[1]  # [G, S, K1, K2]
+    w_inner = one_hot_take(p_inner_chosen, inner)  # [G, S, K1, K2]
     expert_index = (group[..., None] * E2 + inner).reshape(G, S, k_outer * k_inner)  # [G, S, K]
     weight = (w_outer[..., None] * w_inner).reshape(G, S, k_outer * k_inner)  # [G, S, K]
     if renormalize:

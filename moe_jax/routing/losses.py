@@ -49,15 +49,16 @@ def cv_squared(x: jax.Array) -> jax.Array:
     return jnp.mean(var / (jnp.square(mean) + 1e-10))
 
 
-def noisy_load(clean_logits: jax.Array, noisy_logits: jax.Array, noise_std: jax.Array, k: int) -> jax.Array:
+def noisy_load(clean_logits: jax.Array, noisy_logits: jax.Array, noise_std: jax.Array, top: jax.Array,
+               k: int) -> jax.Array:
     """Smooth estimate of tokens per expert for noisy top-k gating (Shazeer et al. 2017, App. A).
 
     P(token, e) = Phi((clean_e - threshold_e) / std_e), the probability that e stays in the top
     k when its noise is redrawn; threshold_e is the k-th largest noisy logit of the other experts
     (the k+1-th overall when e is in the top k, the k-th otherwise).
-    All inputs [G, S, E]; returns the expected load float32 [G, E].
+    Inputs [G, S, E], and top [G, S, min(K+1, E)]: the largest noisy logits, descending. Returns the
+    expected load float32 [G, E].
     """
-    top = jax.lax.top_k(noisy_logits, min(k + 1, noisy_logits.shape[-1]))[0]  # [G, S, K+1]
     kth = top[..., k - 1 : k]  # [G, S, 1], the k-th largest noisy logit
     kth_plus = top[..., -1:]  # [G, S, 1], the (k+1)-th (or the k-th when k == E)
     in_top = noisy_logits >= kth  # [G, S, E]

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from moe_jax.routing import capacity as capacity_lib
 from moe_jax.routing import losses
-from moe_jax.routing.token_choice import TokenChoice, check_logits, tokens_choose
+from moe_jax.routing.token_choice import TokenChoice, check_logits, one_hot_take, tokens_choose
 
 NOISE_EPSILON = 1e-2  # floor of the noise std, as in Shazeer et al.'s implementation
 
@@ -38,12 +38,13 @@ def noisy_tokens_choose(
                              batch_prioritized=batch_prioritized)
     num_experts = clean.shape[-1]
     # Gates before capacity drops, scattered to [G, S, E], summed over tokens: importance [G, E].
-    top_noisy, _ = jax.lax.top_k(noisy, k)  # [G, S, K]
-    gates = jax.nn.softmax(top_noisy, axis=-1)  # [G, S, K]
+    # [G, S, K+1]: the k + 1 largest noisy logits, by one-hot selects (no scatter in the backward pass)
+    top_noisy = one_hot_take(noisy, jax.lax.top_k(jax.lax.stop_gradient(noisy), min(k + 1, num_experts))[1])
+    gates = jax.nn.softmax(top_noisy[..., :k], axis=-1)  # [G, S, K]
     importance = jnp.einsum("gsk,gske->ge", gates, jax.nn.one_hot(decision.expert_index, num_experts))
     if rng is None:
         load = losses.expert_counts(decision.expert_index, num_experts)  # [G, E]
     else:
-        load = losses.noisy_load(clean, noisy, std, k)  # [G, E]
+        load = losses.noisy_load(clean, noisy, std, top_noisy, k)  # [G, E]
     return decision.replace(balance_loss=losses.cv_squared(importance) + losses.cv_squared(load),
                             z_loss=losses.router_z_loss(clean))

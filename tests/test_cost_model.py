@@ -1,0 +1,76 @@
+"""The TPU cost model as a benchmark (moe_jax.cost_model): the ConcatBitcast correction, the roofline
+of known matmuls against hand-computed figures, and a tiny `bench layer --topology` point compiled
+for v5e through the command line."""
+import pytest
+from jax.experimental import topologies
+
+from moe_jax import aot, cost_model
+from tests.test_bench import run_bench
+
+V5E = (197e12, 819e9)
+HLO = """
+  %custom-call.6 = f32[16,512,32]{1,2,0} custom-call(%a, %b), custom_call_target="ConcatBitcast"
+  %custom-call.7 = f32[16,512,32]{1,2,0} custom-call(%c), custom_call_target="Sharding"
+  %custom-call.9 = f32[16,512,32]{1,2,0} custom-call(%d, %e), custom_call_target="ConcatBitcast"
+"""
+
+
+class FakeCompiled:
+    """What estimate() reads of a compiled program: the cost analysis and the HLO text."""
+
+    def cost_analysis(self):
+        return {"optimal_seconds": -1.9983, "flops": 3e9, "bytes accessed": 4e6}
+
+    def as_text(self):
+        return HLO
+
+
+def test_each_concat_bitcast_adds_its_second_back():
+    assert cost_model.concat_bitcasts(HLO) == 2
+    est = cost_model.estimate(FakeCompiled())
+    assert est["est_ms"] == pytest.approx(1.7)  # -1.9983 s + 2 s
+    assert (est["flops"], est["bytes_accessed"], est["concat_bitcasts"]) == (3e9, 4e6, 2)
+
+
+def test_roofline_of_known_matmuls():
+    # [1024, 768] x [768, 3072] in bfloat16 on v5e: 4.83 GFLOP take longer than 12.6 MB.
+    assert cost_model.matmul_seconds(1024, 768, 3072, 2, V5E) == pytest.approx(2 * 1024 * 768 * 3072 / 197e12)
+    # 8 rows: reading the 768 x 3072 weights dominates.
+    assert cost_model.matmul_seconds(8, 768, 3072, 2, V5E) == pytest.approx(
+        (8 * 768 + 768 * 3072 + 8 * 3072) * 2 / 819e9)
+    # The dense FFN, forward + backward: 2 matmuls x 3 products, all compute-bound here.
+    assert cost_model.dense_roofline_ms(tokens=8192, d_model=768, d_ff=3072, n_mats=2, itemsize=2,
+                                        peaks=V5E) == pytest.approx(1e3 * 6 * 2 * 8192 * 768 * 3072 / 197e12)
+    assert cost_model.chip_peaks("v5e-16") == V5E and cost_model.chip_peaks("v4-8") == (275e12, 1200e9)
+
+
+def test_a_layer_roofline_adds_router_and_moves():
+    shape = dict(tokens=64, d_model=16, d_ff=32, experts=4, rows_per_expert=16, n_mats=2, itemsize=2,
+                 peaks=V5E)
+    experts = cost_model.layer_roofline_ms(**shape, routed=False)
+    assert experts == pytest.approx(1e3 * 4 * 3 * 2 * (16 * 16 + 16 * 32 + 16 * 32) * 2 / 819e9)
+    router = 3 * (64 * 16 + 16 * 4 + 64 * 4) * 4 / 819e9  # float32, memory-bound
+    moves = 4 * (64 + 4 * 16) * 16 * 2 / 819e9
+    assert cost_model.layer_roofline_ms(**shape) == pytest.approx(experts + 1e3 * (router + moves))
+
+
+def test_without_libtpu_the_error_says_how_to_install_it(monkeypatch):
+    def missing(**kwargs):
+        raise RuntimeError("Unable to initialize backend 'tpu'")
+
+    monkeypatch.setattr(topologies, "get_topology_desc", missing)
+    with pytest.raises(aot.TopologyError, match=r"pip install -e \.\[tpu\]"):
+        cost_model.tpu_devices("v5e-1")
+
+
+def test_layer_benchmark_on_the_v5e_cost_model():
+    pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
+    (record,) = run_bench("layer", "--topology=v5e-1", "--tokens=512", "--seq_len=128", "--d_model=128",
+                          "--d_ff=256", "--experts=4", "--k=2", "--capacity_factor=1.25", "--group_size=128",
+                          "--dispatch=index", "--dtype=bfloat16")
+    assert record["topology"] == "v5e-1" and record["dtype"] == "bfloat16"
+    for field in ("est_ms", "dense_est_ms", "roofline_ms", "dense_roofline_ms", "flops", "bytes_accessed"):
+        assert record[field] > 0, field
+    assert record["ratio"] == pytest.approx(record["est_ms"] / record["dense_est_ms"])
+    assert record["roofline_ms"] > record["dense_roofline_ms"]  # the router and the moves
+    assert "ms" not in record  # compiled, not run
