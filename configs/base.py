@@ -42,6 +42,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.balance_loss_weight = 1e-2  # Switch alpha
     config.z_loss_weight = 1e-3  # ST-MoE
 
+    # A fresh run's parameters from a moe_jax workdir or a Hugging Face directory (moe_jax/upcycle.py):
+    # matching parameters copied, each expert of an MoE layer a copy of the source's dense FFN there
+    # (sparse upcycling), routers fresh. Read only while the workdir has no checkpoint.
+    config.init_from = ""
+    config.upcycle_noise = 0.0  # std of noise added to each upcycled expert, relative to the weight's std
+
     # Model and MoE options: the dataclasses' defaults (moe_jax.models.config, moe_jax.moe_config) at a
     # width a CPU trains (the dataclasses default to T5-Base sizes).
     config.model = ml_collections.ConfigDict(dict(

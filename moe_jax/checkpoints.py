@@ -41,7 +41,12 @@ def config_differences(saved: dict, current: ml_collections.ConfigDict) -> list[
     """'field: saved -> current' for every field that matters to what is trained. The cosine
     schedule's horizon is num_train_steps, so under it a resumed run may not change that field
     (the rate at every later step would move); rsqrt and constant do not depend on it."""
-    a, b = validation.flatten(saved), validation.flatten(json.loads(current.to_json()))
+    from moe_jax import configuration  # noqa: PLC0415 (configuration imports the models)
+
+    b = validation.flatten(json.loads(current.to_json()))
+    # a field the saved config lacks was added to moe_jax after it was written: it had the base default
+    defaults = configuration.base_defaults()
+    a = {**{k: defaults[k] for k in b if k in defaults}, **validation.flatten(saved)}
     free = set(RUN_CONTROL_FIELDS)
     if "cosine" in (a.get("schedule"), b.get("schedule")):
         free.discard("num_train_steps")

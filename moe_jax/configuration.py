@@ -8,15 +8,19 @@ the command line (`--config=path/to/configs/x.py[:arg]`), wherever the command r
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
+import json
 import os
 import re
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
+from moe_jax import validation
 from moe_jax.models.config import ModelConfig
 from moe_jax.moe_config import MoEConfig
 
@@ -44,6 +48,16 @@ def make_configs_importable(argv: Sequence[str]) -> None:
         root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
         if root not in sys.path:
             sys.path.insert(0, root)
+
+
+BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "base.py")
+
+
+@functools.lru_cache(maxsize=1)
+def base_defaults() -> dict[str, Any]:
+    """configs/base.py's value of every field, flattened ('moe.k': 1): what a field that a saved config
+    lacks (it was added to moe_jax later) meant when that config was written."""
+    return validation.flatten(json.loads(load(BASE_CONFIG).to_json())) if os.path.isfile(BASE_CONFIG) else {}
 
 
 def available_configs() -> list[str]:
@@ -145,6 +159,7 @@ TOP_LEVEL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "weight_decay": float, "grad_clip_norm": float, "grad_accum_steps": int, "balance_loss_weight": float,
     "z_loss_weight": float, "model": ml_collections.ConfigDict, "moe": ml_collections.ConfigDict,
     "data": ml_collections.ConfigDict, "mesh_shape": tuple, "logical_axis_rules": tuple,
+    "init_from": str, "upcycle_noise": float,
 }
 POSITIVE = ("num_train_steps", "batch_size", "seq_len", "eval_every_steps", "num_eval_steps",
             "checkpoint_every_steps", "log_every_steps", "keep_checkpoints", "grad_accum_steps")
@@ -184,9 +199,13 @@ def validate(config: ml_collections.ConfigDict) -> ModelConfig:
         raise ConfigError(f"config.batch_size={config.batch_size} must be divisible by "
                           f"config.grad_accum_steps={config.grad_accum_steps}")
     for name in ("learning_rate", "weight_decay", "grad_clip_norm", "balance_loss_weight", "z_loss_weight",
-                 "warmup_steps", "target_seq_len"):
+                 "warmup_steps", "target_seq_len", "upcycle_noise"):
         if config[name] < 0:
             raise ConfigError(f"config.{name} must be >= 0, got {config[name]}")
+    if config.upcycle_noise and not config.init_from:
+        raise ConfigError(f"config.upcycle_noise={config.upcycle_noise} applies to experts copied from "
+                          "config.init_from's dense FFNs, and config.init_from is empty: set both, or leave "
+                          "upcycle_noise at 0")
     model = model_config(config)
     try:
         data_options.plan(config)  # the data fields, and the lengths they imply

@@ -24,7 +24,7 @@ from ml_collections import config_flags
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from moe_jax import accounting, configuration, data, paths, preemption, train_loop, workdir_lock
+from moe_jax import accounting, configuration, data, paths, preemption, train_loop, upcycle, workdir_lock
 from moe_jax.checkpoints import CheckpointError, Checkpointer
 from moe_jax.metrics import MetricsWriter, layer_metrics, row_scalars
 from moe_jax.train_loop import Divergence, writing
@@ -77,7 +77,15 @@ class Run:
         """(state, data iterator state or None, step) from the latest checkpoint, or fresh."""
         step = self.checkpointer.latest_step()
         if step is None:
-            return self.trainer.create_state(self.config.seed), None, 0
+            state = self.trainer.create_state(self.config.seed)
+            if self.config.init_from:
+                state, line = upcycle.initialise(state, self.config, self.model_cfg, self.trainer,
+                                                 self.tokenizer.path)
+                console.print(line, soft_wrap=True)
+            return state, None, 0
+        if self.config.init_from:
+            console.print(f"the workdir has a checkpoint (step {step}): config.init_from is not read again",
+                          soft_wrap=True)
         # Restored straight into this run's shards, whatever mesh wrote the checkpoint.
         state, data_state = self.checkpointer.restore(step, self.trainer.abstract_sharded_state())
         return state, data_state, step

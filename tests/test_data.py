@@ -136,7 +136,7 @@ def test_too_large_vocabulary_names_the_field(tmp_path):
 
 @pytest.mark.parametrize("changes, message", [
     ({"data.dataset": "C4 English"}, r"data\.dataset must be 'default' .* or a TFDS name"),
-    ({"data.objective": "mlm"}, r"data\.objective must be one of \('lm', 'span_corruption'\)"),
+    ({"data.objective": "mlm"}, r"data\.objective must be one of \('lm', 'span_corruption', 'seq2seq'\)"),
     ({"data.objective": "lm"}, r"data\.objective='lm' needs model\.kind='decoder'"),
     ({"model.kind": "decoder"}, r"data\.objective='span_corruption' needs model\.kind='encoder_decoder'"),
     ({"batch_size": 6}, r"batch_size=6 must be divisible by the number of hosts \(4\)"),

@@ -131,6 +131,13 @@ def test_checkpoint_round_trip_and_compatibility(trained, tmp_path):
     with pytest.raises(CheckpointError, match=r"moe\.num_experts: 8 -> 16"):
         ck.check_compatible(other)
     assert config_differences({"seed": 0}, config)  # a saved config missing fields differs too
+    # ... unless the fields it lacks were added later and hold configs/base.py's default now
+    older = json.loads(config.to_json())
+    del older["init_from"], older["moe"]["expert_capacity"]
+    assert config_differences(older, config) == []
+    fixed = config.copy_and_resolve_references()
+    fixed.moe.expert_capacity = 3
+    assert config_differences(older, fixed) == ["moe.expert_capacity: 0 -> 3"]
     # The cosine schedule's horizon is num_train_steps: a resume may not re-stretch it.
     saved = json.loads(config.to_json())
     cosine = config.copy_and_resolve_references()

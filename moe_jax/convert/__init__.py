@@ -31,8 +31,6 @@ from moe_jax.models import build_model
 
 FAMILIES = {name: family for family in (T5(), Switch(), Mixtral()) for name in family.model_types}
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-BASE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                           "configs", "base.py")
 # T5's SentencePiece vocabulary: our ids (pad 0, eos 1, unk 2, sentinels on top)
 TOKENIZER_FILE = "spiece.model"
 
@@ -58,10 +56,10 @@ def model_family(mc):
 
 
 def base_config():
-    if not os.path.isfile(BASE_CONFIG):
-        raise ConversionError(f"{BASE_CONFIG} is missing: the converter derives configs from configs/base.py "
+    if not os.path.isfile(configuration.BASE_CONFIG):
+        raise ConversionError(f"{configuration.BASE_CONFIG} is missing: the converter derives configs from configs/base.py "
                               "of the moe_jax checkout it runs from")
-    return configuration.load(BASE_CONFIG)
+    return configuration.load(configuration.BASE_CONFIG)
 
 
 def from_hf(hf_dir: str, *, dtype: str | None = None):

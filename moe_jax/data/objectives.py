@@ -111,6 +111,13 @@ def span_corruption_examples(tokens: np.ndarray, raw_len: int, noise_density: fl
     return examples
 
 
+def seq2seq_example(inputs: np.ndarray, targets: np.ndarray, inputs_len: int,
+                    targets_len: int) -> dict[str, np.ndarray]:
+    """A supervised pair, each cut to its length with room for its eos."""
+    return {"inputs": np.append(inputs[:inputs_len - 1], EOS_ID).astype(np.int32),
+            "targets": np.append(targets[:targets_len - 1], EOS_ID).astype(np.int32)}
+
+
 def shift_right(targets: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
     """[B, L] -> [B, L]: each token's predecessor in its segment, 0 at every segment start."""
     shifted = np.zeros_like(targets)

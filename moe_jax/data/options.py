@@ -16,6 +16,9 @@ from moe_jax.models import families
 
 # objective -> the model.kind that trains with it
 OBJECTIVES = dict(sorted((family.objective, kind) for kind, family in families.FAMILIES.items()))
+# supervised inputs -> targets (a fine-tuning task, e.g. data.dataset='stdlib_docstrings'), no corruption
+OBJECTIVES["seq2seq"] = "encoder_decoder"
+SEQ2SEQ_KEYS = ("inputs", "targets")  # the features a seq2seq dataset holds (seqio's names)
 # TFDS names: name[/config][:version], e.g. c4/en:3.1.0, lm1b, wiki40b/en.
 TFDS_NAME = re.compile(r"[a-z][a-z0-9_]*(/[A-Za-z0-9_.\-]+)?(:[0-9]+\.[0-9*]+\.[0-9*]+)?")
 
@@ -80,7 +83,25 @@ def plan(config, process_count: int = 1) -> Plan:
             raise ValueError(f"target_seq_len={config.target_seq_len} does not apply to data.objective='lm' "
                              "(an LM's targets are its seq_len inputs shifted): leave it at 0")
         return Plan("lm", 0, seq_len, seq_len, **rows)
+    if d.objective == "seq2seq":
+        return Plan("seq2seq", seq_len, _seq2seq_targets_len(config), 0, **rows)
     return Plan("span_corruption", seq_len, *_span_corruption_lengths(config, seq_len), **rows)
+
+
+def text_keys(config) -> tuple[str, ...]:
+    """The text features an example is read from."""
+    return SEQ2SEQ_KEYS if config.data.objective == "seq2seq" else (config.data.text_key,)
+
+
+def _seq2seq_targets_len(config) -> int:
+    if config.data.text_key != "text":
+        raise ValueError(f"data.text_key={config.data.text_key!r} does not apply to "
+                         "data.objective='seq2seq', "
+                         f"which reads the features {SEQ2SEQ_KEYS}: leave it at 'text'")
+    if not validation.integer("", "target_seq_len", config.target_seq_len, 0):
+        raise ValueError("target_seq_len=0: data.objective='seq2seq' needs the decoder length (targets are "
+                         "cut to it), e.g. --config.target_seq_len=32")
+    return config.target_seq_len
 
 
 def _span_corruption_lengths(config, seq_len: int) -> tuple[int, int]:

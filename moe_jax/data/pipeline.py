@@ -43,11 +43,12 @@ def get_tokenizer(config) -> tokenizer.Tokenizer:
         path = tokenizer.cache_path(data_dir, sources.dataset_tag(d.dataset, d.corpus_max_files),
                                     d.spm_vocab_size)
         if not epath.Path(path).exists():
-            source = sources.open_split(d.dataset, d.train_split, d.data_dir, d.text_key,
+            source = sources.open_split(d.dataset, d.train_split, d.data_dir, options.text_keys(config),
                                         split_field="data.train_split", max_files=d.corpus_max_files)
             # [n] evenly spaced documents, read lazily until sample_lines has enough lines
             picks = np.linspace(0, len(source) - 1, min(len(source), tokenizer.TRAIN_LINES)).astype(np.int64)
-            texts = (sources.text_of(source[int(i)], d.text_key) for i in np.unique(picks))
+            key = options.text_keys(config)[0]
+            texts = (sources.text_of(source[int(i)], key) for i in np.unique(picks))
             tokenizer.train(tokenizer.sample_lines(texts), d.spm_vocab_size, path)
         tok = tokenizer.load(path, d.extra_ids)
     if config.model.vocab_size < tok.vocab_size:
@@ -73,6 +74,10 @@ class _Document:
         self.noise = (config.data.noise_density, config.data.mean_noise_span_length)
 
     def __call__(self, index: int, example) -> list[dict[str, np.ndarray]]:
+        if self.plan.objective == "seq2seq":
+            inputs, targets = (np.asarray(self.tok.encode(sources.text_of(example, k)), np.int32)
+                               for k in options.SEQ2SEQ_KEYS)
+            return [objectives.seq2seq_example(inputs, targets, self.plan.inputs_len, self.plan.targets_len)]
         tokens = np.asarray(self.tok.encode(sources.text_of(example, self.text_key)), np.int32)
         if not len(tokens):
             return []
@@ -137,7 +142,7 @@ def _dataset(config, tok: tokenizer.Tokenizer, *, train: bool, process_index: in
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     d = config.data
     split, field = (d.train_split, "data.train_split") if train else (d.eval_split, "data.eval_split")
-    source = sources.open_split(d.dataset, split, d.data_dir, d.text_key, split_field=field,
+    source = sources.open_split(d.dataset, split, d.data_dir, options.text_keys(config), split_field=field,
                                 max_files=d.corpus_max_files)
     if not len(source):
         raise ValueError(f"{field}={split!r} of data.dataset={d.dataset!r} has no examples")

@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format
 from tensorflow_datasets.core import constants
 
-from moe_jax.data import corpus
+from moe_jax.data import corpus, docstrings
 
 DEFAULT = "default"
 # What TFDS and array_record raise on prepared files that are truncated, garbled or missing
@@ -31,7 +31,10 @@ def resolve_data_dir(data_dir: str) -> str:
 
 def dataset_tag(dataset: str, max_files: int) -> str:
     """A name for the dataset that tells caches apart (stdlib version and subset included)."""
-    return f"stdlib_{corpus.builder_config(max_files).name}" if dataset == DEFAULT else dataset
+    if dataset in (DEFAULT, docstrings.NAME):
+        prefix = "stdlib" if dataset == DEFAULT else docstrings.NAME
+        return f"{prefix}_{corpus.builder_config(max_files).name}"
+    return dataset
 
 
 def _build_command(dataset: str, data_dir: str) -> str:
@@ -40,7 +43,7 @@ def _build_command(dataset: str, data_dir: str) -> str:
     return f"tfds build {name}{config_flag} --data_dir={data_dir} --file_format=array_record"
 
 
-def open_split(dataset: str, split: str, data_dir: str, text_key: str, *, split_field: str,
+def open_split(dataset: str, split: str, data_dir: str, text_key: str | tuple[str, ...], *, split_field: str,
                max_files: int = 0) -> Sequence[Any]:
     """The split as a random-access sequence of examples (dicts of NumPy values and bytes).
 
@@ -96,15 +99,18 @@ def _open_split(dataset: str, split: str, data_dir: str, text_key: str, split_fi
            "(array_record is the format moe_jax reads without TensorFlow; gs:// data dirs work.)")
     if dataset == DEFAULT:
         builder = corpus.prepare(data_dir, max_files)
+    elif dataset == docstrings.NAME:
+        builder = docstrings.prepare(data_dir, max_files)
     else:
         try:
             builder = tfds.builder(dataset, data_dir=data_dir)
         except tfds.core.DatasetNotFoundError:
             raise ValueError(f"data.dataset={dataset!r}: no such TFDS dataset prepared in data.data_dir="
                              f"{data_dir!r}. {how}") from None
-    if text_key not in builder.info.features:
-        raise ValueError(f"data.text_key={text_key!r} is not a feature of {dataset!r}; its features are "
-                         f"{sorted(builder.info.features)}")
+    for key in (text_key,) if isinstance(text_key, str) else text_key:
+        if key not in builder.info.features:
+            raise ValueError(f"data.text_key={key!r} is not a feature of {dataset!r}; its features are "
+                             f"{sorted(builder.info.features)}")
     try:
         return builder.as_data_source(split=split)
     except NotImplementedError:
