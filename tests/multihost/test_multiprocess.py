@@ -3,8 +3,8 @@ gloo collectives between the processes' CPU devices): `python -m moe_jax.main --
 explicit process flags trains an expert-parallel MoE on the 8-device mesh of both processes (each
 feeds its own rows of the batch; the experts spread over both on (1, 8, 1)), with the losses of one
 process of 8 devices on the same batches (data.shards); every process writes its shards of the
-checkpoint, a checkpoint of either process count resumes in the other, and a dead or preempted
-process is handled by both."""
+checkpoint, a checkpoint of either process count resumes in the other, a dead or preempted
+process is handled by both, and evaluation and decoding on the mesh equal one device's."""
 import re
 import signal
 import time
@@ -20,18 +20,25 @@ SMALL = {**cli.TINY_MODEL, "model.kind": "decoder", "data.objective": "lm", "mod
          "mesh_shape": (2, 4, 1), "batch_size": 8, "data.shards": 2}
 
 
-def start(tmp_path, workdir, processes: int, steps: int = STEPS, **changes) -> list[cli.Job]:
-    """The job training `workdir` to `steps` with 8 devices in 1 or 2 processes (heartbeat timeout
-    10 s), one cli.Job per process."""
+def arguments(tmp_path, workdir, processes: int, steps: int = STEPS, **changes) -> list[list[str]]:
+    """The command line of each process of the job training `workdir` to `steps` with 8 devices in 1
+    or 2 processes (heartbeat timeout 10 s)."""
     values = {**SMALL, "data.data_dir": tmp_path / "tfds", "num_train_steps": steps, **changes}
     base = ["--config=configs/switch_tiny.py", *cli.overrides(values), f"--workdir={workdir}"]
-    if processes > 1:
-        base += ["--multihost", f"--coordinator_address=127.0.0.1:{cli.free_port()}",
-                 f"--num_processes={processes}", "--heartbeat_timeout=10"]
-    env = cli.environment(tmp_path / "jax_cache", devices=8 // processes)
+    if processes == 1:
+        return [base]
+    base += ["--multihost", f"--coordinator_address=127.0.0.1:{cli.free_port()}",
+             f"--num_processes={processes}", "--heartbeat_timeout=10"]
+    return [[*base, f"--process_id={i}"] for i in range(processes)]
+
+
+def start(tmp_path, workdir, processes: int, steps: int = STEPS, *extra: str, devices: int = 8,
+          **changes) -> list[cli.Job]:
+    """The job (`arguments`, then `extra`) on `devices` devices, one cli.Job per process."""
+    env = cli.environment(tmp_path / "jax_cache", devices=devices // processes)
     name = f"{workdir.name}_{steps}_{time.monotonic_ns()}"
-    return [cli.Job([*base, f"--process_id={i}"] if processes > 1 else base, env, tmp_path / "logs",
-                    f"{name}_{i}") for i in range(processes)]
+    return [cli.Job([*args, *extra], env, tmp_path / "logs", f"{name}_{i}")
+            for i, args in enumerate(arguments(tmp_path, workdir, processes, steps, **changes))]
 
 
 def train(tmp_path, workdir, processes: int, steps: int = STEPS) -> list:
@@ -122,3 +129,31 @@ def assert_resumed_as(workdir, steps: int, expected) -> None:
     metrics, arrays = expected
     assert cli.without_timing(cli.metrics(workdir)) == metrics
     cli.assert_same_arrays(cli.checkpoint_arrays(workdir, steps), arrays)
+
+
+def test_eval_and_infer_on_the_mesh_equal_one_device(tmp_path):
+    """--mode=eval and --mode=infer restore into the config's mesh (experts over 8 devices, in one
+    process and in two) and give the single device's metrics and greedy continuations."""
+    workdir = tmp_path / "trained"
+    train(tmp_path, workdir, 1)
+    prompts = ("--prompt=def fibonacci(n):", "--prompt=import os", "--max_new_tokens=6")
+    outputs = {}
+    for name, processes, devices, mesh in (("one device", 1, 1, (1, 1, 1)), ("8 devices", 1, 8, (1, 8, 1)),
+                                           ("2 processes", 2, 8, (1, 8, 1))):
+        for mode, extra in (("eval", ()), ("infer", prompts)):
+            jobs = start(tmp_path, workdir, processes, STEPS, f"--mode={mode}", *extra, devices=devices,
+                         mesh_shape=mesh)
+            for job in jobs:
+                assert job.wait(300) == 0, job.report()
+            # process 0 speaks for the job (gloo's connection notices aside)
+            lines = jobs[0].stdout.splitlines()
+            outputs[name, mode] = [line for line in lines if not line.startswith("[Gloo]")]
+    metrics = {name: dict(line.split(None, 1) for line in outputs[name, "eval"])
+               for name in ("one device", "8 devices", "2 processes")}
+    for name in ("8 devices", "2 processes"):
+        assert metrics[name].keys() == metrics["one device"].keys()
+        for key in ("loss", "accuracy"):
+            np.testing.assert_allclose(float(metrics[name][key]), float(metrics["one device"][key]),
+                                       rtol=1e-5)
+        assert outputs[name, "infer"] == outputs["one device", "infer"], outputs
+        assert len(outputs[name, "infer"]) == 2 and all(" -> " in line for line in outputs[name, "infer"])
