@@ -9,6 +9,8 @@ a higher capacity factor drops fewer tokens at some speed cost.
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from experiments import headline, regime, report, runner
@@ -73,6 +75,37 @@ def seconds_to(rs: list[dict], line: float) -> float | None:
     return None if None in reach else float(np.mean(reach))
 
 
+def _speed(cf: float) -> str:
+    """Top-2's training throughput against top-1's, from the interleaved bench run, if there is one."""
+    path = runner.RESULTS / NAME / "speed.json"
+    rows = [r for r in json.loads(path.read_text())["results"] if r["capacity_factor"] == cf] \
+        if path.exists() else []
+    if not rows:
+        return "top-2's speed against top-1's not measured yet (`python -m experiments.top1_vs_top2_speed`)"
+    r = rows[0]
+    return (f"top-2 trains at {r['top2_over_top1_tokens_per_s']:.2f}x top-1's tokens/s "
+            f"({r['top2_step_ms']:.0f} against {r['top1_step_ms']:.0f} ms a step, both timed interleaved "
+            "in one process)")
+
+
+def _time_to_threshold(groups: dict[str, list[dict]]) -> str:
+    """Top-1 against top-2 at each capacity factor to the threshold: the first evaluated step at which the
+    seed-mean eval loss is at or below it, times the step time of the pair's interleaved bench run (the
+    pairs were timed at different moments, so only the two of a pair compare)."""
+    path = runner.RESULTS / NAME / "speed.json"
+    line = threshold(groups)
+    if not path.exists():
+        return f"Time to eval loss {line:.4f}: not measured yet (`python -m experiments.top1_vs_top2_speed`)."
+    pairs = []
+    for r in json.loads(path.read_text())["results"]:
+        cf = r["capacity_factor"]
+        one, two = (report.first_step_at_or_below(groups[f"top{k}_cf{cf}"], line) * r[f"top{k}_step_ms"] / 1e3
+                    for k in (1, 2))
+        pairs.append(f"at cf {cf} top-1 {one:.0f} s, top-2 {two:.0f} s")
+    return (f"Time to eval loss {line:.4f} (the worst sparse seed-mean final loss), as the first evaluated "
+            f"step at or below it times the pair's interleaved step time: {'; '.join(pairs)}.")
+
+
 def findings(results: list[dict]) -> list[str]:
     groups = report.by_group(results)
     out = []
@@ -81,15 +114,9 @@ def findings(results: list[dict]) -> list[str]:
         for variant in (f"top2_cf{cf}", f"top2_cf{cf}_renorm"):
             out.append(f"cf {cf}: " + report.compare(variant, groups[variant], f"top1_cf{cf}", top1))
         top2 = groups[f"top2_cf{cf}"]
-        speed = _mean(top2, "examples_per_sec") / _mean(top1, "examples_per_sec")
-        out.append(f"cf {cf}: top-2 trains at {speed:.2f}x top-1's examples/s (seed means); top-1 drops "
-                   f"{_mean(top1, 'dropped_fraction'):.1%} of its assignments in training, top-2 "
-                   f"{_mean(top2, 'dropped_fraction'):.1%}.")
-    line = threshold(groups)
-    reach = {name: seconds_to(rs, line) for name, rs in groups.items()}
-    fastest = min((n for n in reach if reach[n] is not None), key=lambda n: reach[n])
-    out.append(f"Fastest in wall clock to eval loss {line:.4f} (the worst sparse seed-mean final loss): "
-               f"{fastest}, in {reach[fastest]:.0f} training seconds (seed mean).")
+        out.append(f"cf {cf}: {_speed(cf)}; top-1 drops {_mean(top1, 'dropped_fraction'):.1%} of its "
+                   f"assignments in training, top-2 {_mean(top2, 'dropped_fraction'):.1%}.")
+    out.append(_time_to_threshold(groups))
     out.append(_against_dense(groups))
     missing = [r.name for r in runs() if r.name not in {x["name"] for x in results}]
     if missing:
@@ -150,7 +177,9 @@ sequences, seeds {SEEDS}. `dense` and `top1_cf1.25` are the [headline](../headli
 {", ".join(f"`{name}_s*`" for name in shared)} (same config and seeds), reused. Examples/s: training
 throughput on this 2-core CPU, compile excluded, two runs at a time with other jobs on the machine
 for part of the time, so examples/s and the seconds-to-threshold column compare the runs only
-roughly (quality per step is unaffected). Dropped: fraction of routed assignments beyond capacity,
+roughly (quality per step is unaffected); the speed sentences below come from
+`python -m experiments.top1_vs_top2_speed`, which times top-2 and top-1 steps interleaved in one
+process ([speed.json](speed.json)). Dropped: fraction of routed assignments beyond capacity,
 mean over MoE layers (train: last quarter of training; eval: final evaluation).
 
 {table}
