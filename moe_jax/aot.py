@@ -169,7 +169,8 @@ def _define_flags() -> None:
     """The command line's flags, defined when it runs: importing this module (moe_jax.cost_model does)
     defines none, so another tool's --config and --topology do not clash with these."""
     config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-    flags.DEFINE_string("topology", "v5e-16", "Cloud TPU accelerator type (v4-8, v5e-16, v5p-32, v6e-8, ...).")
+    flags.DEFINE_string("topology", "v5e-16",
+                        "Cloud TPU accelerator type (v4-8, v5e-16, v5p-32, v6e-8, ...).")
 
 
 def main(argv):

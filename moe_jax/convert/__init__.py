@@ -57,8 +57,8 @@ def model_family(mc):
 
 def base_config():
     if not os.path.isfile(configuration.BASE_CONFIG):
-        raise ConversionError(f"{configuration.BASE_CONFIG} is missing: the converter derives configs from configs/base.py "
-                              "of the moe_jax checkout it runs from")
+        raise ConversionError(f"{configuration.BASE_CONFIG} is missing: the converter derives configs from "
+                              "configs/base.py of the moe_jax checkout it runs from")
     return configuration.load(configuration.BASE_CONFIG)
 
 
