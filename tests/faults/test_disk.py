@@ -88,20 +88,18 @@ def test_sigterm_full_disk_and_read_only_lose_nothing(faults, reference, disk):
     assert_refused_cleanly(job, rf"checkpoint .*No space left on device.* intact \(latest: {stopped}\)")
     assert snapshot(workdir) == saved
 
-    # 3. Room for the workdir lock (one 4 KiB page of the tmpfs) only: the metrics cannot be written.
-    (disk / "filler").unlink()
-    fill(disk, headroom=4096)
-    job = faults.run("disk_2_full", workdir, expect=None)
-    assert_refused_cleanly(job, rf"cannot write the metrics .*No space left on device.*step {stopped}\), "
-                                rf"which is intact")
-    assert snapshot(workdir) == saved
-    # 3b. No room at all: the workdir lock cannot be written, before anything else is.
-    (disk / "filler").unlink()
-    fill(disk, headroom=0)
-    job = faults.run("disk_2b_full", workdir, expect=None)
-    assert_refused_cleanly(job, r"cannot write the workdir lock .*No space left on device.*nothing in it was "
-                                r"changed")
-    assert snapshot(workdir) == saved
+    # 3. Room for the workdir lock (one 4 KiB page of the tmpfs) only: the metrics cannot be written;
+    #    no room at all: the workdir lock cannot be written, before anything else is.
+    for name, headroom, pattern in (
+            ("disk_2_full", 4096,
+             rf"cannot write the metrics .*No space left on device.*step {stopped}\), which is intact"),
+            ("disk_2b_full", 0, r"cannot write the workdir lock .*No space left on device.*nothing in it was "
+                                r"changed")):
+        (disk / "filler").unlink()
+        fill(disk, headroom=headroom)
+        job = faults.run(name, workdir, expect=None)
+        assert_refused_cleanly(job, pattern)
+        assert snapshot(workdir) == saved
     (disk / "filler").unlink()
 
     # 4. A read-only checkpoint directory (the rest of the workdir writable): the save fails.
