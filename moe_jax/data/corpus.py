@@ -145,16 +145,21 @@ class StdlibCorpus(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str | None, max_files: int = 0) -> StdlibCorpus:
-    """The prepared corpus builder: built on first use (array_record files), reused afterwards. In a
-    multi-process job process 0 builds it while the others wait, so that no two build one data_dir."""
+    """The prepared corpus builder: built on first use (array_record files), reused afterwards."""
+    return prepare_builder(StdlibCorpus, data_dir, max_files)
+
+
+def prepare_builder(builder_class, data_dir: str | None, max_files: int = 0):
+    """A prepared builder of the corpus or of a task made from it. In a multi-process job process 0
+    builds it while the others wait, so that no two build one data_dir."""
     config = builder_config(max_files) if max_files else PYTHON_TAG  # a registered config goes by name
 
-    def make() -> StdlibCorpus:
-        return StdlibCorpus(config=config, data_dir=data_dir or None, file_format="array_record")
+    def make():
+        return builder_class(config=config, data_dir=data_dir or None, file_format="array_record")
     builder = make()
     if jax.process_index() == 0 and not builder.is_prepared():
         builder.download_and_prepare()
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("moe_jax: stdlib corpus prepared")
+        multihost_utils.sync_global_devices(f"moe_jax: {builder_class.__name__} prepared")
         builder = make()  # sees the files process 0 wrote
     return builder

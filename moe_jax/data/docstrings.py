@@ -18,10 +18,8 @@ import os
 import sysconfig
 import tokenize
 
-import jax
 import tensorflow_datasets as tfds
 from etils import epath
-from jax.experimental import multihost_utils
 
 from moe_jax.data import corpus
 
@@ -79,15 +77,5 @@ class StdlibDocstrings(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(data_dir: str | None, max_files: int = 0) -> StdlibDocstrings:
-    """The prepared task builder, built on first use by process 0 (as corpus.prepare)."""
-    config = corpus.builder_config(max_files) if max_files else corpus.PYTHON_TAG
-
-    def make() -> StdlibDocstrings:
-        return StdlibDocstrings(config=config, data_dir=data_dir or None, file_format="array_record")
-    builder = make()
-    if jax.process_index() == 0 and not builder.is_prepared():
-        builder.download_and_prepare()
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("moe_jax: stdlib docstrings prepared")
-        builder = make()
-    return builder
+    """The prepared task builder, built on first use by process 0 (corpus.prepare_builder)."""
+    return corpus.prepare_builder(StdlibDocstrings, data_dir, max_files)
