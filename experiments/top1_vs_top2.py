@@ -24,6 +24,7 @@ FACTORS = (1.0, 1.25, 2.0)
 LARGER_DENSE = {"model.d_model": 128, "model.num_heads": 4, "model.d_ff": 512}
 # The headline's runs of the same configs and seeds, reused rather than trained again.
 SHARED = {"dense": f"{headline.NAME}/dense", "top1_cf1.25": f"{headline.NAME}/switch_e8"}
+SPEED = runner.RESULTS / NAME / "speed.json"  # written by experiments/top1_vs_top2_speed.py
 
 
 def _run(group: str, seed: int, overrides: dict) -> runner.Run:
@@ -75,30 +76,31 @@ def seconds_to(rs: list[dict], line: float) -> float | None:
     return None if None in reach else float(np.mean(reach))
 
 
-def _speed(cf: float) -> str:
-    """Top-2's training throughput against top-1's, from the interleaved bench run, if there is one."""
-    path = runner.RESULTS / NAME / "speed.json"
-    rows = [r for r in json.loads(path.read_text())["results"] if r["capacity_factor"] == cf] \
-        if path.exists() else []
-    if not rows:
+def _speeds() -> dict[float, dict]:
+    """The interleaved bench run's figures by capacity factor (experiments/top1_vs_top2_speed.py)."""
+    if not SPEED.exists():
+        return {}
+    return {r["capacity_factor"]: r for r in json.loads(SPEED.read_text())["results"]}
+
+
+def _speed(r: dict | None) -> str:
+    """Top-2's training throughput against top-1's at one capacity factor."""
+    if r is None:
         return "top-2's speed against top-1's not measured yet (`python -m experiments.top1_vs_top2_speed`)"
-    r = rows[0]
     return (f"top-2 trains at {r['top2_over_top1_tokens_per_s']:.2f}x top-1's tokens/s "
             f"({r['top2_step_ms']:.0f} against {r['top1_step_ms']:.0f} ms a step, both timed interleaved "
             "in one process)")
 
 
-def _time_to_threshold(groups: dict[str, list[dict]]) -> str:
+def _time_to_threshold(groups: dict[str, list[dict]], speeds: dict[float, dict]) -> str:
     """Top-1 against top-2 at each capacity factor to the threshold: the first evaluated step at which the
     seed-mean eval loss is at or below it, times the step time of the pair's interleaved bench run (the
     pairs were timed at different moments, so only the two of a pair compare)."""
-    path = runner.RESULTS / NAME / "speed.json"
     line = threshold(groups)
-    if not path.exists():
+    if not speeds:
         return f"Time to eval loss {line:.4f}: not measured yet (`python -m experiments.top1_vs_top2_speed`)."
     pairs = []
-    for r in json.loads(path.read_text())["results"]:
-        cf = r["capacity_factor"]
+    for cf, r in speeds.items():
         one, two = (report.first_step_at_or_below(groups[f"top{k}_cf{cf}"], line) * r[f"top{k}_step_ms"] / 1e3
                     for k in (1, 2))
         pairs.append(f"at cf {cf} top-1 {one:.0f} s, top-2 {two:.0f} s")
@@ -107,16 +109,16 @@ def _time_to_threshold(groups: dict[str, list[dict]]) -> str:
 
 
 def findings(results: list[dict]) -> list[str]:
-    groups = report.by_group(results)
+    groups, speeds = report.by_group(results), _speeds()
     out = []
     for cf in FACTORS:
         top1 = groups[f"top1_cf{cf}"]
         for variant in (f"top2_cf{cf}", f"top2_cf{cf}_renorm"):
             out.append(f"cf {cf}: " + report.compare(variant, groups[variant], f"top1_cf{cf}", top1))
         top2 = groups[f"top2_cf{cf}"]
-        out.append(f"cf {cf}: {_speed(cf)}; top-1 drops {_mean(top1, 'dropped_fraction'):.1%} of its "
-                   f"assignments in training, top-2 {_mean(top2, 'dropped_fraction'):.1%}.")
-    out.append(_time_to_threshold(groups))
+        out.append(f"cf {cf}: {_speed(speeds.get(cf))}; top-1 drops {_mean(top1, 'dropped_fraction'):.1%} "
+                   f"of its assignments in training, top-2 {_mean(top2, 'dropped_fraction'):.1%}.")
+    out.append(_time_to_threshold(groups, speeds))
     out.append(_against_dense(groups))
     missing = [r.name for r in runs() if r.name not in {x["name"] for x in results}]
     if missing:

@@ -15,7 +15,6 @@ import sys
 
 from experiments import runner, top1_vs_top2
 
-OUT = runner.RESULTS / top1_vs_top2.NAME / "speed.json"
 STEPS = 30
 
 
@@ -43,7 +42,7 @@ def measure(cf: float) -> dict:
 
 def main() -> None:
     results = [measure(cf) for cf in top1_vs_top2.FACTORS]
-    OUT.write_text(json.dumps({"command": "python -m experiments.top1_vs_top2_speed",
+    top1_vs_top2.SPEED.write_text(json.dumps({"command": "python -m experiments.top1_vs_top2_speed",
                                "results": results}, indent=1) + "\n")
     for r in results:
         print(f"cf {r['capacity_factor']}: top-2 {r['top2_step_ms']:.0f} ms, top-1 "
