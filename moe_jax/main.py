@@ -126,7 +126,8 @@ def holding(workdir: str):
                 "workdir writable, then run again: nothing in it was changed")
     if jax.process_count() > 1 and not multihost_utils.broadcast_one_to_all(np.int32(error is None)):
         error = error or workdir_lock.WorkdirLocked(
-            f"the workdir {workdir} is in use by another job (process 0's error names it)")
+            f"the workdir {workdir} could not be locked for this job (another job holds it, or it cannot be "
+            "written): process 0's error names it")
     if error is not None:
         raise error
     try:
