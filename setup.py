@@ -34,6 +34,8 @@ EXTRAS = {
     # libtpu for Cloud TPU, and for compiling TPU programs on a CPU machine (moe_jax.aot); a TPU job's
     # workdir is a gs:// bucket.
     "tpu": ["jax[tpu]>=0.10.2,<0.11", *GCS],
+    # NVIDIA GPUs (CUDA 12 wheels); not tested here: no GPU was available when this was written.
+    "cuda": ["jax[cuda12]>=0.10.2,<0.11"],
 }
 
 setup(

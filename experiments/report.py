@@ -96,7 +96,7 @@ def compare(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) ->
         return (f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, inside one seed sd ({seeds}): "
                 "not resolved.")
     verdict = "resolved" if ratio > 3 else "not resolved at 3 sd"
-    return (f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, {ratio:.1f} seed sd ({seeds}): "
+    return (f"{lead} leads {trail} by {abs(gap):.4f} in final eval loss, {ratio:.2f} seed sd ({seeds}): "
             f"{verdict}.")
 
 
