@@ -99,6 +99,9 @@ def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: 
         for name, shape in (("query", (D, H, Dh)), ("key", (D, KVH, Dh)), ("value", (D, KVH, Dh)),
                             ("out", (H, Dh, D))):
             add("attention", f"{attn}/{name}", shape)
+        if cfg.qk_norm:
+            add("norms", f"{attn}/query_norm", (Dh,))
+            add("norms", f"{attn}/key_norm", (Dh,))
     add("norms", "ffn_norm/scale", (D,))
     if not sparse:
         for name, shape in _ffn_shapes(cfg.activation, D, cfg.d_ff):
@@ -294,8 +297,8 @@ def _model_category(path: tuple) -> str:
     for key, category in (("router", "router"), ("experts", "experts"), ("shared", "shared experts")):
         if key in keys:
             return category
-    if keys[-1] == "scale" and keys[-2].endswith("norm"):
-        return "norms"
+    if (keys[-1] == "scale" and keys[-2].endswith("norm")) or keys[-1] in ("query_norm", "key_norm"):
+        return "norms"  # the layer norms, and qk_norm's per-head scales
     if keys[-2] in ("attn", "cross"):
         return "attention"
     if "ffn" in keys or "extra_ffn" in keys:

@@ -100,6 +100,7 @@ MODEL_CASES = {
     "t5_base:tiny (dense, tied)": lambda: configuration.model_config(load("t5_base.py:tiny")),
     "mixtral:tiny (decoder, GQA, swiglu, rope)": lambda: configuration.model_config(
         load("mixtral_8x7b.py:tiny")),
+    "qwen3:tiny (qk_norm)": lambda: configuration.model_config(load("qwen3_30b_a3b.py:tiny")),
     "deepseek_moe:tiny (shared experts)": lambda: configuration.model_config(load("deepseek_moe.py:tiny")),
     "expert_choice (encoder only)": lambda: configuration.model_config(load("expert_choice.py")),
     "ST-MoE extra dense FFN, geglu, unscanned": lambda: small(moe_extra_dense_ffn=True, activation="geglu",
@@ -165,6 +166,7 @@ def test_published_sizes():
     at T5-Large's size: d_model 1024, 16 heads of 64, FFN and experts 4096 wide, 24+24 layers.
     T5.1.1-Base: 0.25B (gated GELU 2048, untied).
     Mixtral 8x7B: 46.7B parameters, 12.9B active per token (Jiang et al. 2024).
+    Qwen3-30B-A3B: 30.5B parameters, 3.3B active (Qwen3 Technical Report, Yang et al. 2025).
     """
     def billions(config):
         return accounting.account_config(config).total_params / 1e9
@@ -183,6 +185,9 @@ def test_published_sizes():
     mixtral = accounting.account_config(load("mixtral_8x7b.py"))
     assert round(mixtral.total_params / 1e9, 1) == 46.7
     assert round(mixtral.total_active_params / 1e9, 1) == 12.9
+    qwen3 = accounting.account_config(load("qwen3_30b_a3b.py"))  # 30.53B, 3.35B active with qk_norm
+    assert round(qwen3.total_params / 1e9, 1) == 30.5
+    assert round(qwen3.total_active_params / 1e9, 1) == 3.4  # published "3.3B": within 1.6%
 
 
 XLA_FLOP_CASES = {

@@ -4,6 +4,11 @@ bias or rotary embeddings, boolean masks, and a key/value cache for incremental 
 Softmax in float32 whatever the activation dtype. Logits are scaled by 1/sqrt(head_dim) (Vaswani
 et al. 2017); T5 folds that factor into its query initialisation instead, which changes neither
 the function class nor the parameter count.
+
+model.qk_norm (Qwen3, Yang et al. 2025): each head's query and key are RMS-normalised over Dh,
+float32 inside, with one learned [Dh] scale for all query heads and one for all key heads, before
+RoPE. It applies wherever this module runs, self- and cross-attention alike (the keys of a
+cross-attention are normalised as its queries are); Qwen3 itself is decoder-only.
 """
 from __future__ import annotations
 
@@ -30,6 +35,13 @@ def make_mask(q_segment: jax.Array, k_segment: jax.Array, *, causal: bool, q_pos
     return mask[:, None]
 
 
+def head_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x [B, L, H, Dh] -> [B, L, H, Dh] in x's dtype, RMS over Dh in float32, times scale [Dh]."""
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)  # [B, L, H, Dh]
+    return (y * scale).astype(x.dtype)
+
+
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, KVH, Dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
@@ -45,6 +57,11 @@ class Attention(nnx.Module):
         self.key = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))
         self.value = nnx.Param(proj_in(rngs.params(), (D, KVH, Dh)), out_sharding=("embed", "kv_heads", "kv"))
         self.out = nnx.Param(proj_out(rngs.params(), (H, Dh, D)), out_sharding=("heads", "kv", "embed"))
+        self.norm_eps = cfg.norm_eps
+
+        def head_scale():  # [Dh] of ones, qk_norm only
+            return nnx.Param(jnp.ones((Dh,), jnp.float32), out_sharding=("kv",)) if cfg.qk_norm else None
+        self.query_norm, self.key_norm = head_scale(), head_scale()
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array,
                  bias: jax.Array | None = None, q_pos: jax.Array | None = None,
@@ -63,6 +80,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))  # [B, Lq, H, Dh]
         k = jnp.einsum("bmd,dhk->bmhk", source, self.key[...].astype(dt))  # [B, Lk, KVH, Dh]
         v = jnp.einsum("bmd,dhk->bmhk", source, self.value[...].astype(dt))  # [B, Lk, KVH, Dh]
+        if self.query_norm is not None:
+            q = head_rms_norm(q, self.query_norm[...], self.norm_eps)  # [B, Lq, H, Dh]
+            k = head_rms_norm(k, self.key_norm[...], self.norm_eps)  # [B, Lk, KVH, Dh]
         if self.rope_theta is not None and context is None:
             q = apply_rope(q, q_pos, self.rope_theta)
             k = apply_rope(k, q_pos, self.rope_theta)  # self-attention: keys sit at the queries' positions

@@ -42,6 +42,7 @@ class ModelConfig:
     relative_buckets: int = 32
     relative_max_distance: int = 128
     rope_theta: float = 10000.0
+    qk_norm: bool = False  # Qwen3: RMSNorm over Dh of each head's query and key (models/attention.py)
     tie_embeddings: bool = False  # T5: tied (logits scaled by d_model^-0.5); T5.1.1: untied
     dropout_rate: float = 0.0
     norm_eps: float = 1e-6
@@ -67,6 +68,8 @@ class ModelConfig:
         for field in ("num_kv_heads", "head_dim", "num_encoder_layers", "encoder_moe_every",
                       "decoder_moe_every"):
             validation.integer("model", field, getattr(self, field), 0)
+        if not isinstance(self.qk_norm, bool):
+            fail("qk_norm", f"must be True or False, got {self.qk_norm!r}")
         validation.number("model", "init_scale", self.init_scale, above=0)
         if not 0 <= self.dropout_rate < 1:
             fail("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
