@@ -187,7 +187,8 @@ def test_published_sizes():
     assert round(mixtral.total_active_params / 1e9, 1) == 12.9
     qwen3 = accounting.account_config(load("qwen3_30b_a3b.py"))  # 30.53B, 3.35B active with qk_norm
     assert round(qwen3.total_params / 1e9, 1) == 30.5
-    assert round(qwen3.total_active_params / 1e9, 1) == 3.4  # published "3.3B": within 1.6%
+    # Published "3.3B activated"; we count 3.353B (embedding and output projection included), 1.6% over.
+    assert abs(qwen3.total_active_params / 3.3e9 - 1) < 0.02
 
 
 XLA_FLOP_CASES = {

@@ -45,6 +45,7 @@ KINDS = [
     dict(kind="decoder", position="relative", tie_embeddings=True),
     dict(kind="encoder_decoder", position="relative"),
     dict(kind="encoder_decoder", position="rope", moe_extra_dense_ffn=True, num_kv_heads=0),
+    dict(kind="decoder", position="rope", qk_norm=True),
 ]
 
 
@@ -300,3 +301,22 @@ def test_dense_ffn_drops_its_hidden_activations_at_the_model_rate():
     assert not np.allclose(ffn(x), ffn(x))  # a fresh mask each training call
     ffn.eval()
     np.testing.assert_array_equal(ffn(x), ffn(x))
+
+
+def test_qk_norm_normalises_each_heads_query_and_key():
+    """With model.qk_norm (Qwen3) the logits do not change when the query and key projections are
+    scaled (each head is RMS-normalised over Dh), and do change when the norms' scales do; without
+    it, scaling the projections changes them."""
+    def logits(qk_norm, proj_scale=1.0, norm_scale=1.0):
+        model = build_model(tiny(qk_norm=qk_norm, position="rope"), rngs=nnx.Rngs(0))
+        attn = model.decoder.units.layers[0].attn
+        attn.query[...] = attn.query[...] * proj_scale
+        attn.key[...] = attn.key[...] * proj_scale
+        if qk_norm:
+            attn.query_norm[...] = attn.query_norm[...] * norm_scale
+        return np.asarray(jit_call(model, tokens())[0])
+
+    base = logits(True)
+    np.testing.assert_allclose(logits(True, proj_scale=3.0), base, rtol=1e-4, atol=1e-4)
+    assert np.max(np.abs(logits(True, norm_scale=3.0) - base)) > 1e-3
+    assert np.max(np.abs(logits(False, proj_scale=3.0) - logits(False))) > 1e-3

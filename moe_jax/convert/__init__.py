@@ -49,6 +49,9 @@ def hf_family(hf: dict, source: str):
 
 def model_family(mc):
     """The HF architecture a ModelConfig exports to: Mixtral (decoder), Switch (sparse), T5 (dense)."""
+    if mc.qk_norm:
+        raise ConversionError("model.qk_norm=True (Qwen3) has no Hugging Face exporter yet: none of "
+                              "T5, Switch and Mixtral has the query/key norms, so they would be lost")
     if mc.kind == "decoder":
         return FAMILIES["mixtral"]
     sparse = mc.encoder_moe_every or mc.decoder_moe_every
