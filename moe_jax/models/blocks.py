@@ -16,6 +16,7 @@ from flax import nnx
 from moe_jax.experts import EXPERT_MATMUL, FeedForward
 from moe_jax.models.attention import Attention
 from moe_jax.models.config import ModelConfig
+from moe_jax.models.mla import LatentAttention
 from moe_jax.moe_layer import EXPERT_INPUTS, MoEAux, MoELayer
 
 
@@ -76,7 +77,8 @@ class Layer(nnx.Module):
             return FeedForward(cfg.d_model, cfg.d_ff, activation=cfg.activation,
                                dropout_rate=cfg.dropout_rate, init_scale=cfg.init_scale, dtype=dt, rngs=rngs)
 
-        self.attn_norm, self.attn = norm(), Attention(cfg, rngs=rngs)
+        self_attention = LatentAttention if cfg.attention == "mla" else Attention
+        self.attn_norm, self.attn = norm(), self_attention(cfg, rngs=rngs)
         self.cross_norm = norm() if cross else None
         self.cross = Attention(cfg, rngs=rngs) if cross else None
         self.ffn_norm = norm()

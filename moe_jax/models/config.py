@@ -21,6 +21,7 @@ KINDS = tuple(families.FAMILIES)
 POSITIONS = ("relative", "rope")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "minimal", "full")  # see models.blocks.remat_policy
+ATTENTIONS = ("mha", "mla")  # multi-head (grouped-query) attention; multi-head latent (models.mla)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,13 @@ class ModelConfig:
     # dense FFNs, experts, output projection. Switch (Sec. 2.4) uses 0.1; T5 1.0. Embedding tables
     # keep their own init, and the router its moe.router_init_scale.
     init_scale: float = 1.0
+    # Multi-head latent attention (DeepSeek-V2/V3, models.mla) with model.attention='mla'.
+    attention: str = "mha"
+    q_lora_rank: int = 0  # 0: a direct query projection (DeepSeek-V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -60,7 +68,7 @@ class ModelConfig:
             raise ValueError(f"model.{field}{'' if message.startswith('=') else ' '}{message}")
 
         for field, allowed in (("kind", KINDS), ("position", POSITIONS), ("activation", ACTIVATIONS),
-                               ("dtype", DTYPES), ("remat", REMAT_POLICIES)):
+                               ("dtype", DTYPES), ("remat", REMAT_POLICIES), ("attention", ATTENTIONS)):
             validation.choice("model", field, getattr(self, field), allowed)
         for field in ("vocab_size", "d_model", "num_heads", "d_ff", "num_decoder_layers", "relative_buckets",
                       "relative_max_distance"):
@@ -80,6 +88,8 @@ class ModelConfig:
             fail("num_kv_heads", f"={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
         if self.position == "rope" and self.head_size % 2:
             fail("head_dim", f"must be even for rotary embeddings, got {self.head_size}")
+        if self.attention == "mla":
+            self._check_mla(fail)
         if "encoder" in self.family.streams and self.num_encoder_layers < 1:
             fail("num_encoder_layers", "must be >= 1 for an encoder-decoder model")
         for name, depth, every in self.family.stacks(self):
@@ -94,6 +104,17 @@ class ModelConfig:
                 raise ValueError(f"{e} (the decoder stack is causal; in an encoder-decoder model, "
                                  "model.decoder_moe_every=0 keeps such a router "
                                  "in the encoder only)") from None
+
+    def _check_mla(self, fail):
+        if self.kind != "decoder":
+            fail("attention", f"='mla' needs model.kind='decoder', got {self.kind!r}")
+        if self.position != "rope":
+            fail("position", f"must be 'rope' with model.attention='mla', got {self.position!r}")
+        validation.integer("model", "q_lora_rank", self.q_lora_rank, 0)
+        for field in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            validation.integer("model", field, getattr(self, field), 1)
+        if self.qk_rope_head_dim % 2:
+            fail("qk_rope_head_dim", f"must be even for rotary embeddings, got {self.qk_rope_head_dim}")
 
     @property
     def family(self) -> families.Family:

@@ -48,9 +48,15 @@ def _positions(tokens, positions):
 
 
 def _empty_cache(cfg: ModelConfig, stack: Stack, batch: int, max_len: int) -> list[dict]:
-    """Per layer of a unit: {'k', 'v': [U, B, M, KVH, Dh]}."""
-    shape = (stack.num_units, batch, max_len, cfg.kv_heads, cfg.head_size)
+    """Per layer of a unit: {'k', 'v': [U, B, M, KVH, Dh]}, or MLA's {'latent': [U, B, M, R],
+    'k_rope': [U, B, M, Dr]}."""
     period = cfg.decoder_moe_every or 1
+    if cfg.attention == "mla":
+        rows = (stack.num_units, batch, max_len)
+        return [{"latent": jnp.zeros(rows + (cfg.kv_lora_rank,), cfg.activation_dtype),
+                 "k_rope": jnp.zeros(rows + (cfg.qk_rope_head_dim,), cfg.activation_dtype)}
+                for _ in range(period)]
+    shape = (stack.num_units, batch, max_len, cfg.kv_heads, cfg.head_size)
     return [{"k": jnp.zeros(shape, cfg.activation_dtype), "v": jnp.zeros(shape, cfg.activation_dtype)}
             for _ in range(period)]
 
