@@ -85,9 +85,25 @@ def _ffn_params(activation: str, d_model: int, d_ff: int) -> int:
     return sum(math.prod(shape) for _, shape in _ffn_shapes(activation, d_model, d_ff))
 
 
+def _attention_shapes(cfg: ModelConfig, self_attention: bool) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(category, name, shape) of one attention's parameters: multi-head (GQA) or, for decoder
+    self-attention with model.attention='mla', DeepSeek's latent attention (models/mla.py)."""
+    D, H, KVH, Dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
+    if not (self_attention and cfg.attention == "mla"):
+        out = [("attention", name, shape) for name, shape in (
+            ("query", (D, H, Dh)), ("key", (D, KVH, Dh)), ("value", (D, KVH, Dh)), ("out", (H, Dh, D)))]
+        return out + ([("norms", "query_norm", (Dh,)), ("norms", "key_norm", (Dh,))] if cfg.qk_norm else [])
+    Rq, R = cfg.q_lora_rank, cfg.kv_lora_rank
+    Dn, Dr, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    query = [("attention", "q_down", (D, Rq)), ("norms", "q_norm", (Rq,))] if Rq else []
+    return query + [("attention", "query", (Rq or D, H, Dn + Dr)), ("attention", "kv_down", (D, R + Dr)),
+                    ("norms", "kv_norm", (R,)), ("attention", "kv_up", (R, H, Dn + Dv)),
+                    ("attention", "out", (H, Dv, D))]
+
+
 def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: int, *, cross: bool,
                   sparse: bool) -> list[ParamGroup]:
-    D, H, KVH, Dh, moe = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.moe
+    D, moe = cfg.d_model, cfg.moe
     groups = []
 
     def add(category, name, shape):
@@ -96,12 +112,8 @@ def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: 
     attentions = ("attn", "cross") if cross else ("attn",)
     for attn in attentions:
         add("norms", f"{attn}_norm/scale", (D,))
-        for name, shape in (("query", (D, H, Dh)), ("key", (D, KVH, Dh)), ("value", (D, KVH, Dh)),
-                            ("out", (H, Dh, D))):
-            add("attention", f"{attn}/{name}", shape)
-        if cfg.qk_norm:
-            add("norms", f"{attn}/query_norm", (Dh,))
-            add("norms", f"{attn}/key_norm", (Dh,))
+        for category, name, shape in _attention_shapes(cfg, attn == "attn"):
+            add(category, f"{attn}/{name}", shape)
     add("norms", "ffn_norm/scale", (D,))
     if not sparse:
         for name, shape in _ffn_shapes(cfg.activation, D, cfg.d_ff):
@@ -226,13 +238,19 @@ def _stack_flops(cfg: ModelConfig, depth: int, every: int, *, keys: int, cross_k
                  group_tokens: int) -> dict[str, float]:
     """Forward FLOPs per token of one stack's layers; cross_keys > 0 adds the queries' side of
     cross-attention."""
-    D, H, KVH, Dh, moe = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.moe
+    D, H, Dh, moe = cfg.d_model, cfg.num_heads, cfg.head_size, cfg.moe
     moe_layers = depth // every if every else 0
     dense_layers = depth - moe_layers + (moe_layers if cfg.moe_extra_dense_ffn else 0)
-    qo, kv = 2 * D * H * Dh, 2 * D * KVH * Dh  # parameters of the query + output, key + value projections
+    qo = 2 * D * H * Dh  # parameters of a cross-attention's query and output projections
+    projections = sum(math.prod(shape) for category, _, shape in _attention_shapes(cfg, True)
+                      if category == "attention")
     flops = collections.Counter()
-    flops["attention projections"] = depth * 2 * (qo + kv + (qo if cross_keys else 0))
-    flops["attention scores"] = depth * 4 * H * Dh * (keys + cross_keys)
+    flops["attention projections"] = depth * 2 * (projections + (qo if cross_keys else 0))
+    if cfg.attention == "mla":  # scores over Dn + Dr features, values of Dv
+        score_dims = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim
+        flops["attention scores"] = depth * 2 * H * score_dims * keys
+    else:
+        flops["attention scores"] = depth * 4 * H * Dh * (keys + cross_keys)
     flops["dense FFN"] = dense_layers * 2 * _ffn_params(cfg.activation, D, cfg.d_ff)
     if moe_layers:
         flops["router"] = moe_layers * moe.kind.flops_per_token(moe, D)
@@ -288,6 +306,9 @@ def account_config(config: ml_collections.ConfigDict) -> Accounting:
     return account(configuration.model_config(config), *sequence_lengths(config))
 
 
+NORM_PARAMS = ("query_norm", "key_norm", "q_norm", "kv_norm")  # norms' scales named by their module
+
+
 def _model_category(path: tuple) -> str:
     keys = [k for k in path if isinstance(k, str)]
     if keys[0] == "embed":
@@ -297,8 +318,8 @@ def _model_category(path: tuple) -> str:
     for key, category in (("router", "router"), ("experts", "experts"), ("shared", "shared experts")):
         if key in keys:
             return category
-    if (keys[-1] == "scale" and keys[-2].endswith("norm")) or keys[-1] in ("query_norm", "key_norm"):
-        return "norms"  # the layer norms, and qk_norm's per-head scales
+    if (keys[-1] == "scale" and keys[-2].endswith("norm")) or keys[-1] in NORM_PARAMS:
+        return "norms"  # the layer norms, qk_norm's per-head scales and MLA's latent norms
     if keys[-2] in ("attn", "cross"):
         return "attention"
     if "ffn" in keys or "extra_ffn" in keys:

@@ -102,6 +102,12 @@ MODEL_CASES = {
         load("mixtral_8x7b.py:tiny")),
     "qwen3:tiny (qk_norm)": lambda: configuration.model_config(load("qwen3_30b_a3b.py:tiny")),
     "deepseek_moe:tiny (shared experts)": lambda: configuration.model_config(load("deepseek_moe.py:tiny")),
+    "latent attention, query bottleneck": lambda: small(
+        kind="decoder", position="rope", attention="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=2, v_head_dim=6),
+    "latent attention, direct query": lambda: small(
+        kind="decoder", position="rope", attention="mla", q_lora_rank=0, kv_lora_rank=8, qk_nope_head_dim=4,
+        qk_rope_head_dim=2, v_head_dim=6),
     "expert_choice (encoder only)": lambda: configuration.model_config(load("expert_choice.py")),
     "ST-MoE extra dense FFN, geglu, unscanned": lambda: small(moe_extra_dense_ffn=True, activation="geglu",
                                                              scan_layers=False, num_encoder_layers=4),
@@ -196,6 +202,10 @@ XLA_FLOP_CASES = {
     "switch top-1 (encoder-decoder)": dict(),
     "mixtral-style decoder (top-2 swiglu, GQA, rope)": dict(
         kind="decoder", position="rope", activation="swiglu", num_kv_heads=2, decoder_moe_every=1,
+        moe=dict(k=2, activation="swiglu", order="token_major")),
+    "deepseek-style decoder (latent attention)": dict(
+        kind="decoder", position="rope", attention="mla", q_lora_rank=96, kv_lora_rank=64,
+        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=48, decoder_moe_every=1,
         moe=dict(k=2, activation="swiglu", order="token_major")),
 }
 

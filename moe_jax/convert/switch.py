@@ -19,7 +19,6 @@ Export goes back the same way; a model whose capacity is a factor (configs/switc
 """
 from __future__ import annotations
 
-import numpy as np
 
 from moe_jax import routing
 from moe_jax.convert import mapping, t5

@@ -115,6 +115,9 @@ class ModelConfig:
             validation.integer("model", field, getattr(self, field), 1)
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", f"must be even for rotary embeddings, got {self.qk_rope_head_dim}")
+        if self.qk_norm:
+            fail("qk_norm", "does not apply to model.attention='mla', which normalises its latents instead: "
+                 "set it to False")
 
     @property
     def family(self) -> families.Family:
