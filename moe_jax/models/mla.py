@@ -40,7 +40,9 @@ class LatentAttention(nnx.Module):
         if Rq:
             self.q_down = nnx.Param(down(rngs.params(), (D, Rq)), out_sharding=("embed", "kv"))
             self.q_norm = nnx.Param(jnp.ones((Rq,), jnp.float32), out_sharding=("kv",))
-        self.query = nnx.Param(init(rngs.params(), (Rq or D, H, Dn + Dr)), out_sharding=("kv", "heads", None))
+        # [Rq, H, Dn + Dr] from the query latent, or [D, H, Dn + Dr] straight from the model width
+        self.query = nnx.Param(init(rngs.params(), (Rq or D, H, Dn + Dr)),
+                               out_sharding=("kv" if Rq else "embed", "heads", None))
         self.kv_down = nnx.Param(down(rngs.params(), (D, R + Dr)), out_sharding=("embed", "kv"))
         self.kv_norm = nnx.Param(jnp.ones((R,), jnp.float32), out_sharding=("kv",))
         self.kv_up = nnx.Param(init(rngs.params(), (R, H, Dn + Dv)), out_sharding=("kv", "heads", None))
