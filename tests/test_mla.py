@@ -49,8 +49,7 @@ def test_latent_attention_equals_the_papers_equations(q_lora):
     attn = LatentAttention(cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     for name in ("q_norm", "kv_norm"):  # non-trivial norm scales
-        if hasattr(attn, name):
-            scale = getattr(attn, name)
+        if (scale := getattr(attn, name)) is not None:
             scale[...] = jnp.asarray(rng.uniform(0.5, 1.5, scale.shape), jnp.float32)
     x = rng.normal(size=(1, 7, 16)).astype(np.float32)
     pos = jnp.arange(7)[None]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_jax.models.config import ModelConfig
+from moe_jax.models.norm import rms_norm
 from moe_jax.models.position import apply_rope
 
 NEG_INF = -1e30
@@ -33,13 +34,6 @@ def make_mask(q_segment: jax.Array, k_segment: jax.Array, *, causal: bool, q_pos
     if causal:
         mask &= k_pos[:, None, :] <= q_pos[:, :, None]
     return mask[:, None]
-
-
-def head_rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x [B, L, H, Dh] -> [B, L, H, Dh] in x's dtype, RMS over Dh in float32, times scale [Dh]."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)  # [B, L, H, Dh]
-    return (y * scale).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -81,8 +75,8 @@ class Attention(nnx.Module):
         k = jnp.einsum("bmd,dhk->bmhk", source, self.key[...].astype(dt))  # [B, Lk, KVH, Dh]
         v = jnp.einsum("bmd,dhk->bmhk", source, self.value[...].astype(dt))  # [B, Lk, KVH, Dh]
         if self.query_norm is not None:
-            q = head_rms_norm(q, self.query_norm[...], self.norm_eps)  # [B, Lq, H, Dh]
-            k = head_rms_norm(k, self.key_norm[...], self.norm_eps)  # [B, Lk, KVH, Dh]
+            q = rms_norm(q, self.query_norm[...], self.norm_eps, q.dtype)  # [B, Lq, H, Dh] over Dh
+            k = rms_norm(k, self.key_norm[...], self.norm_eps, k.dtype)  # [B, Lk, KVH, Dh] over Dh
         if self.rope_theta is not None and context is None:
             q = apply_rope(q, q_pos, self.rope_theta)
             k = apply_rope(k, q_pos, self.rope_theta)  # self-attention: keys sit at the queries' positions

@@ -15,18 +15,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moe_jax.models.attention import NEG_INF
 from moe_jax.models.config import ModelConfig
+from moe_jax.models.norm import rms_norm
 from moe_jax.models.position import apply_rope
-
-NEG_INF = -1e30
-
-
-def _rms(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x [..., R] -> [..., R], normalised in float32 (the RMSNorm of blocks.RMSNorm)."""
-    x32 = x.astype(jnp.float32)
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)  # [..., R]
-    return (y * scale).astype(x.dtype)
-
 
 class LatentAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -37,9 +29,8 @@ class LatentAttention(nnx.Module):
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal", in_axis=0,
                                                  out_axis=(1, 2))
         down = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal")
-        if Rq:
-            self.q_down = nnx.Param(down(rngs.params(), (D, Rq)), out_sharding=("embed", "kv"))
-            self.q_norm = nnx.Param(jnp.ones((Rq,), jnp.float32), out_sharding=("kv",))
+        self.q_down = nnx.Param(down(rngs.params(), (D, Rq)), out_sharding=("embed", "kv")) if Rq else None
+        self.q_norm = nnx.Param(jnp.ones((Rq,), jnp.float32), out_sharding=("kv",)) if Rq else None
         # [Rq, H, Dn + Dr] from the query latent, or [D, H, Dn + Dr] straight from the model width
         self.query = nnx.Param(init(rngs.params(), (Rq or D, H, Dn + Dr)),
                                out_sharding=("kv" if Rq else "embed", "heads", None))
@@ -53,8 +44,9 @@ class LatentAttention(nnx.Module):
     def _queries(self, x, q_pos):
         """x [B, L, D] -> (q_nope [B, L, H, Dn], q_rope [B, L, H, Dr] rotated)."""
         dt, Dn = self.dtype, self.dims[0]
-        if hasattr(self, "q_down"):
-            x = _rms(jnp.einsum("bld,dr->blr", x, self.q_down[...].astype(dt)), self.q_norm[...], self.eps)
+        if self.q_down is not None:
+            x = jnp.einsum("bld,dr->blr", x, self.q_down[...].astype(dt))  # [B, L, Rq]
+            x = rms_norm(x, self.q_norm[...], self.eps, dt)
         q = jnp.einsum("blr,rhk->blhk", x, self.query[...].astype(dt))  # [B, L, H, Dn + Dr]
         return q[..., :Dn], apply_rope(q[..., Dn:], q_pos, self.rope_theta)
 
@@ -72,7 +64,7 @@ class LatentAttention(nnx.Module):
         x = x.astype(dt)
         q_nope, q_rope = self._queries(x, q_pos)
         kv = jnp.einsum("bld,dr->blr", x, self.kv_down[...].astype(dt))  # [B, L, R + Dr]
-        latent = _rms(kv[..., :-Dr], self.kv_norm[...], self.eps)  # [B, L, R]
+        latent = rms_norm(kv[..., :-Dr], self.kv_norm[...], self.eps, dt)  # [B, L, R]
         k_rope = apply_rope(kv[..., None, -Dr:], q_pos, self.rope_theta)[:, :, 0]  # [B, L, Dr]
         if cache is not None:
             # [B, M, R] and [B, M, Dr] <- this call's rows at cache_index ... cache_index + L - 1
