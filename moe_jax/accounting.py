@@ -153,7 +153,8 @@ def parameter_groups(cfg: ModelConfig) -> list[ParamGroup]:
             groups += _layer_groups(cfg, f"{stack}/layers/{i}", lead, copies,
                                     cross=stack == "decoder" and cfg.family.cross_attention,
                                     sparse=every > 0 and i == period - 1)
-        groups.append(ParamGroup("norms", f"{stack}/final_norm/scale", (D,)))
+        if stack in cfg.family.streams:  # a dense prefix runs straight into its decoder stack
+            groups.append(ParamGroup("norms", f"{stack}/final_norm/scale", (D,)))
     return groups
 
 
@@ -289,9 +290,10 @@ def account(cfg: ModelConfig, inputs_length: int, targets_length: int) -> Accoun
                                       cross_keys=0, group_tokens=cfg.moe.group_size or inputs_length))
         # Each decoder layer projects the encoder's output into cross-attention keys and values.
         per_input["attention projections"] += cfg.num_decoder_layers * 2 * (2 * D * KVH * Dh)
-    per_target.update(_stack_flops(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every,
-                                   keys=targets_length, cross_keys=inputs_length,
-                                   group_tokens=cfg.moe.group_size or targets_length))
+    for stack, depth, every in cfg.family.stacks(cfg):  # the decoder's, after a dense prefix if any
+        if stack != "encoder":
+            per_target.update(_stack_flops(cfg, depth, every, keys=targets_length, cross_keys=inputs_length,
+                                           group_tokens=cfg.moe.group_size or targets_length))
     return Accounting(
         inputs_length=inputs_length, targets_length=targets_length, params=params, active_params=active,
         forward_flops_per_input_token={c: float(per_input[c]) for c in FLOP_CATEGORIES if per_input[c]},

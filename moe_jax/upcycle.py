@@ -36,7 +36,8 @@ from moe_jax.trainer import Trainer, TrainState
 SAME_MODEL_FIELDS = (("kind", "kind"), ("vocab_size", "vocab_size"), ("d_model", "d_model"),
                      ("num_heads", "num_heads"), ("num_kv_heads", "kv_heads"), ("head_dim", "head_size"),
                      ("position", "position"), ("relative_buckets", "relative_buckets"),
-                     ("tie_embeddings", "tie_embeddings"), ("moe_extra_dense_ffn", "moe_extra_dense_ffn"))
+                     ("tie_embeddings", "tie_embeddings"), ("moe_extra_dense_ffn", "moe_extra_dense_ffn"),
+                     ("first_dense_layers", "first_dense_layers"))
 SAME_SPARSE_FIELDS = ("num_experts", "d_ff", "activation", "num_shared_experts", "router")
 
 

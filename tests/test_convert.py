@@ -1,5 +1,5 @@
-"""moe_jax.convert against transformers: tiny random-weight T5 v1.0, T5.1.1, Switch and Mixtral
-models saved by transformers with the logits it computed (tests/fixtures/hf, made by
+"""moe_jax.convert against transformers: tiny random-weight T5 v1.0, T5.1.1, Switch, Mixtral and
+Qwen3-MoE models saved by transformers with the logits it computed (tests/fixtures/hf, made by
 tests/fixtures/hf/make_fixtures.py; see its docstring to refresh them). No torch needed here.
 
 Imported models must give transformers' logits to 1e-4 relative (max |diff| / max |logit|, float32),
@@ -25,7 +25,7 @@ from moe_jax.convert import hf_io, workdir
 from tests.faults import cli
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
-NAMES = ("t5_v1_0", "t5_v1_1", "switch", "mixtral")
+NAMES = ("t5_v1_0", "t5_v1_1", "switch", "mixtral", "qwen3_moe")
 # config.json fields whose values change what the model computes, per model_type.
 T5_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
              "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
@@ -38,7 +38,12 @@ MATTERS = {"t5": T5_FIELDS + ("feed_forward_proj",),
            "mixtral": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                        "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
                        "num_experts_per_tok", "hidden_act", "rms_norm_eps", "sliding_window",
-                       "tie_word_embeddings", "model_type", "architectures")}
+                       "tie_word_embeddings", "model_type", "architectures"),
+           "qwen3_moe": ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                         "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+                         "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+                         "hidden_act", "rms_norm_eps", "sliding_window", "attention_bias",
+                         "tie_word_embeddings", "model_type", "architectures")}
 
 
 def fixture(name):
@@ -108,6 +113,9 @@ def test_configs_state_the_checkpoints_choices(imported):
     assert (mixtral.model.num_kv_heads, mixtral.model.position, mixtral.moe.k, mixtral.moe.renormalize) == (
         2, "rope", 2, True)
     assert mixtral.moe.train_capacity_factor == mixtral.moe.eval_capacity_factor == 0.0
+    qwen = imported["qwen3_moe"][0]  # mlp_only_layers=[0], norm_topk_prob=False, experts 16 wide
+    assert (qwen.model.qk_norm, qwen.model.first_dense_layers, qwen.model.d_ff, qwen.moe.d_ff,
+            qwen.moe.num_experts, qwen.moe.renormalize) == (True, 1, 48, 16, 4, False)
 
 
 def test_t5_query_weights_carry_sqrt_d_kv(imported):
@@ -187,6 +195,9 @@ def test_bad_input_is_refused_with_the_field_named(tmp_path):
         (edited(tmp_path, "switch", {"router_bias": True}), r"router_bias=True is not supported"),
         (edited(tmp_path, "mixtral", {"sliding_window": 4}), r"sliding_window=4 is not supported"),
         (edited(tmp_path, "t5_v1_1", {"feed_forward_proj": "gated-relu"}), r"feed_forward_proj='gated-relu'"),
+        (edited(tmp_path, "qwen3_moe", {"mlp_only_layers": [1]}), r"mlp_only_layers=\[1\] is not supported"),
+        (edited(tmp_path / "q", "qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}),
+         r"sliding_window=4 is not supported"),
     ]
     two = dict(hf_tensors)
     two.pop("encoder.block.1.layer.1.mlp.experts.expert_3.wo.weight")

@@ -65,7 +65,8 @@ def test_incremental_decoding_equals_the_full_forward_pass():
     seq = jax.random.randint(jax.random.PRNGKey(0), (2, 6), 1, 37)
     full, _ = model(seq)
     cache = model.init_cache(2, 6)
-    assert set(cache[0]) == {"latent", "k_rope"} and cache[0]["latent"].shape == (2, 2, 6, 6)
+    layer = cache["decoder"][0]
+    assert set(layer) == {"latent", "k_rope"} and layer["latent"].shape == (2, 2, 6, 6)
     key_valid = jnp.zeros((2, 6), bool).at[:, :3].set(True)
     logits, cache = model.decode(seq[:, :3], cache, index=jnp.int32(0), key_valid=key_valid)
     steps = [logits]

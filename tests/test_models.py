@@ -46,6 +46,7 @@ KINDS = [
     dict(kind="encoder_decoder", position="relative"),
     dict(kind="encoder_decoder", position="rope", moe_extra_dense_ffn=True, num_kv_heads=0),
     dict(kind="decoder", position="rope", qk_norm=True),
+    dict(kind="decoder", position="rope", first_dense_layers=2, decoder_moe_every=1),
 ]
 
 
@@ -56,8 +57,11 @@ def test_shapes_and_aux(opts):
     logits, aux = jit_call(model, *([tokens()] * (1 if cfg.kind == "decoder" else 2)))
     assert logits.shape == (2, 8, V) and logits.dtype == jnp.float32
     assert aux["balance_loss"].shape == () and float(aux["balance_loss"]) > 0
-    units = cfg.num_decoder_layers // cfg.decoder_moe_every
+    units = (cfg.num_decoder_layers - cfg.first_dense_layers) // cfg.decoder_moe_every
     assert aux["moe"]["decoder"].stats["tokens_per_expert"].shape == (units, 4)
+    if cfg.first_dense_layers:  # DeepSeek's first_k_dense_replace: dense FFNs of width d_ff first
+        wi = model.dense_prefix.units.layers[0].ffn.wi[0][...]
+        assert wi.shape == (cfg.first_dense_layers, cfg.d_model, cfg.d_ff)
 
 
 @pytest.mark.parametrize("opts", KINDS)

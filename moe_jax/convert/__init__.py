@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: T5 (v1.0 and 1.1), Switch Transformers and Mixtral.
+"""Hugging Face checkpoints in and out: T5 (v1.0 and 1.1), Switch Transformers, Mixtral and Qwen3-MoE.
 
     config, model = moe_jax.convert.from_hf("path/to/hf_dir")   # eval mode, imported weights
     logits, aux = model(encoder_ids, decoder_ids)                # or model(ids), decoder-only
@@ -8,7 +8,7 @@
 model and routing field stated; `model` is what moe_jax.models builds from it. Weights are read and
 written with safetensors' numpy API (no torch), single-file or sharded. Each family's module says
 how transformers' semantics are matched exactly, or refused with the reason: t5.py, switch.py,
-mixtral.py. `python -m moe_jax.convert import|export` moves checkpoints between an HF directory
+mixtral.py, qwen3_moe.py. `python -m moe_jax.convert import|export` moves checkpoints between an HF directory
 and a moe_jax workdir (workdir.py).
 """
 from __future__ import annotations
@@ -25,11 +25,12 @@ from moe_jax import configuration
 from moe_jax.convert import hf_io, mapping
 from moe_jax.convert.hf_io import ConversionError
 from moe_jax.convert.mixtral import Mixtral
+from moe_jax.convert.qwen3_moe import Qwen3Moe
 from moe_jax.convert.switch import Switch
 from moe_jax.convert.t5 import T5
 from moe_jax.models import build_model
 
-FAMILIES = {name: family for family in (T5(), Switch(), Mixtral()) for name in family.model_types}
+FAMILIES = {name: family for family in (T5(), Switch(), Mixtral(), Qwen3Moe()) for name in family.model_types}
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # T5's SentencePiece vocabulary: our ids (pad 0, eos 1, unk 2, sentinels on top)
 TOKENIZER_FILE = "spiece.model"
@@ -48,12 +49,13 @@ def hf_family(hf: dict, source: str):
 
 
 def model_family(mc):
-    """The HF architecture a ModelConfig exports to: Mixtral (decoder), Switch (sparse), T5 (dense)."""
-    if mc.qk_norm:
-        raise ConversionError("model.qk_norm=True (Qwen3) has no Hugging Face exporter yet: none of "
-                              "T5, Switch and Mixtral has the query/key norms, so they would be lost")
+    """The HF architecture a ModelConfig exports to: Qwen3-MoE (decoder with qk_norm), Mixtral
+    (decoder), Switch (sparse), T5 (dense)."""
     if mc.kind == "decoder":
-        return FAMILIES["mixtral"]
+        return FAMILIES["qwen3_moe" if mc.qk_norm else "mixtral"]
+    if mc.qk_norm:
+        raise ConversionError("model.qk_norm=True in an encoder-decoder model has no Hugging Face "
+                              "architecture: T5 and Switch have no query/key norms, so they would be lost")
     sparse = mc.encoder_moe_every or mc.decoder_moe_every
     return FAMILIES["switch_transformers" if sparse else "t5"]
 
@@ -79,7 +81,7 @@ def from_hf(hf_dir: str, *, dtype: str | None = None):
     config.model.scan_layers = True
     config.model.dtype = dtype or ("bfloat16" if hf.get("dtype", hf.get("torch_dtype")) == "bfloat16"
                                    else "float32")
-    if family is not FAMILIES["mixtral"] and os.path.isfile(os.path.join(hf_dir, TOKENIZER_FILE)):
+    if config.model.kind != "decoder" and os.path.isfile(os.path.join(hf_dir, TOKENIZER_FILE)):
         config.data.tokenizer = os.path.abspath(os.path.join(hf_dir, TOKENIZER_FILE))
         config.data.extra_ids = 100
     try:

@@ -73,6 +73,18 @@ def experts(names: Sequence[str], ours: Target) -> Rule:
                 lambda a: [w.T for w in a[0]])  # [E, I, O] -> E x [O, I]
 
 
+def layer_slot(mc, i: int) -> tuple[Path, int, bool]:
+    """Where HF decoder layer i lives in a decoder-only model: (path of its layer without the unit
+    axis, its unit, whether its FFN is the MoE layer). A dense prefix (model.first_dense_layers)
+    holds the first layers one per unit; the decoder's units of moe_every layers end in the MoE one."""
+    if i < mc.first_dense_layers:
+        return ("dense_prefix", "units", "layers", 0), i, False
+    i -= mc.first_dense_layers
+    period = mc.decoder_moe_every or 1
+    return ("decoder", "units", "layers", i % period), i // period, bool(mc.decoder_moe_every) and (
+        i % period == period - 1)
+
+
 def _get(tree: dict, path: Path):
     for key in path:
         tree = tree[key]

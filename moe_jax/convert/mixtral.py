@@ -47,6 +47,23 @@ def transposed(hf: str, ours: Target) -> Rule:
     return Rule((hf,), (ours,), lambda a: [a[0].transpose(0, 2, 1)], lambda a: [a[0].transpose(0, 2, 1)])
 
 
+def layer_targets(mc, i: int):
+    """at(*path): the Target of a parameter of HF decoder layer i (see mapping.layer_slot)."""
+    ours, unit, _ = mapping.layer_slot(mc, i)
+    return lambda *path: Target(ours + path, unit)
+
+
+def attention_rules(mc, hf: str, at) -> list[Rule]:
+    """A Llama-style layer's attention projections and its two norms (`hf`: 'model.layers.{i}')."""
+    H, KVH, Dh = mc.num_heads, mc.kv_heads, mc.head_size
+    return [mapping.heads_in(f"{hf}.self_attn.q_proj.weight", at("attn", "query"), H, Dh),
+            mapping.heads_in(f"{hf}.self_attn.k_proj.weight", at("attn", "key"), KVH, Dh),
+            mapping.heads_in(f"{hf}.self_attn.v_proj.weight", at("attn", "value"), KVH, Dh),
+            mapping.heads_out(f"{hf}.self_attn.o_proj.weight", at("attn", "out"), H, Dh),
+            mapping.copy(f"{hf}.input_layernorm.weight", at("attn_norm", "scale")),
+            mapping.copy(f"{hf}.post_attention_layernorm.weight", at("ffn_norm", "scale"))]
+
+
 class Mixtral:
     model_types = ("mixtral",)
     architecture = "MixtralForCausalLM"
@@ -123,23 +140,14 @@ class Mixtral:
         rules = [mapping.copy("model.embed_tokens.weight", Target(("embed", "table"))),
                  mapping.linear("lm_head.weight", Target(("embed", "logits_kernel"))),
                  mapping.copy("model.norm.weight", Target(("decoder", "final_norm", "scale")))]
-        fused = tensors is not None and FUSED.format(i=0) in tensors
+        fused = tensors is not None and any(name.endswith(".mlp.experts.gate_up_proj") for name in tensors)
         for i in range(mc.num_decoder_layers):
             rules += self.layer_rules(mc, i, fused)
         return rules
 
     def layer_rules(self, mc, i: int, fused: bool) -> list[Rule]:
-        ours, hf = ("decoder", "units", "layers", 0), f"model.layers.{i}"
-        H, KVH, Dh = mc.num_heads, mc.kv_heads, mc.head_size
-
-        def at(*path):
-            return Target(ours + path, i)
-        rules = [mapping.heads_in(f"{hf}.self_attn.q_proj.weight", at("attn", "query"), H, Dh),
-                 mapping.heads_in(f"{hf}.self_attn.k_proj.weight", at("attn", "key"), KVH, Dh),
-                 mapping.heads_in(f"{hf}.self_attn.v_proj.weight", at("attn", "value"), KVH, Dh),
-                 mapping.heads_out(f"{hf}.self_attn.o_proj.weight", at("attn", "out"), H, Dh),
-                 mapping.copy(f"{hf}.input_layernorm.weight", at("attn_norm", "scale")),
-                 mapping.copy(f"{hf}.post_attention_layernorm.weight", at("ffn_norm", "scale"))]
+        hf, at = f"model.layers.{i}", layer_targets(mc, i)
+        rules = attention_rules(mc, hf, at)
         if fused:
             return rules + [mapping.linear(f"{hf}.mlp.gate.weight", at("ffn", "router", "kernel")),
                             fused_gate_up(FUSED.format(i=i), at("ffn", "experts", "wi", 0),

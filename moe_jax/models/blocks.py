@@ -106,10 +106,11 @@ class Unit(nnx.Module):
 
 
 class Stack(nnx.Module):
-    """A stack of identical units, scanned (or unrolled, for comparison), then a final norm."""
+    """A stack of identical units, scanned (or unrolled, for comparison), then a final norm (unless
+    another stack follows it: a decoder's dense prefix)."""
 
     def __init__(self, cfg: ModelConfig, depth: int, period: int, *, causal: bool, cross: bool,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, final_norm: bool = True):
         self.num_units = depth // max(period, 1)
         self.scan, self.remat = cfg.scan_layers, cfg.remat
 
@@ -123,7 +124,7 @@ class Stack(nnx.Module):
             self.units = make_units(rngs)
         else:
             self.units = nnx.List([make_unit(rngs) for _ in range(self.num_units)])
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.activation_dtype)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.activation_dtype) if final_norm else None
 
     def __call__(self, x, *, caches=None, **kwargs):
         """x [B, L, D]; caches: None, or per-layer caches stacked over units ([U, ...] leaves).
@@ -151,7 +152,7 @@ class Stack(nnx.Module):
                 unit_caches.append(cache)
             aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)
             caches = None if caches is None else jax.tree.map(lambda *a: jnp.stack(a), *unit_caches)
-        return self.final_norm(x), aux, caches
+        return (x if self.final_norm is None else self.final_norm(x)), aux, caches
 
 
 def mean_aux(auxes: list[MoEAux | None]) -> dict:

@@ -39,6 +39,9 @@ class ModelConfig:
     encoder_moe_every: int = 2
     decoder_moe_every: int = 2
     moe_extra_dense_ffn: bool = False  # ST-MoE: a dense FFN right after each sparse one
+    # DeepSeek-V3's first_k_dense_replace (DeepSeekMoE: 1, V3: 3): the first k of the decoder's
+    # num_decoder_layers are dense (FFN width d_ff), a stack of their own before the MoE units.
+    first_dense_layers: int = 0
     position: str = "relative"  # T5 relative position bias, or rotary embeddings
     relative_buckets: int = 32
     relative_max_distance: int = 128
@@ -74,7 +77,7 @@ class ModelConfig:
                       "relative_max_distance"):
             validation.integer("model", field, getattr(self, field), 1)
         for field in ("num_kv_heads", "head_dim", "num_encoder_layers", "encoder_moe_every",
-                      "decoder_moe_every"):
+                      "decoder_moe_every", "first_dense_layers"):
             validation.integer("model", field, getattr(self, field), 0)
         if not isinstance(self.qk_norm, bool):
             fail("qk_norm", f"must be True or False, got {self.qk_norm!r}")
@@ -90,11 +93,14 @@ class ModelConfig:
             fail("head_dim", f"must be even for rotary embeddings, got {self.head_size}")
         if self.attention == "mla":
             self._check_mla(fail)
+        if self.first_dense_layers:
+            self._check_dense_prefix(fail)
         if "encoder" in self.family.streams and self.num_encoder_layers < 1:
             fail("num_encoder_layers", "must be >= 1 for an encoder-decoder model")
+        prefix = f" - model.first_dense_layers={self.first_dense_layers}" if self.first_dense_layers else ""
         for name, depth, every in self.family.stacks(self):
             if every and depth % every:
-                fail(f"{name}_moe_every", f"={every} must divide model.num_{name}_layers={depth}: "
+                fail(f"{name}_moe_every", f"={every} must divide model.num_{name}_layers{prefix}={depth}: "
                      f"layers are scanned in units of {every} whose last FFN is sparse")
         if self.decoder_moe_every:
             # Decoders are causal: refuse routing that lets a later token change an earlier output.
@@ -104,6 +110,15 @@ class ModelConfig:
                 raise ValueError(f"{e} (the decoder stack is causal; in an encoder-decoder model, "
                                  "model.decoder_moe_every=0 keeps such a router "
                                  "in the encoder only)") from None
+
+    def _check_dense_prefix(self, fail):
+        if self.kind != "decoder" or not self.decoder_moe_every:
+            fail("first_dense_layers", f"={self.first_dense_layers} needs a decoder-only model with MoE "
+                 f"layers (model.kind='decoder', model.decoder_moe_every >= 1), got kind={self.kind!r}, "
+                 f"decoder_moe_every={self.decoder_moe_every}")
+        if self.first_dense_layers >= self.num_decoder_layers:
+            fail("first_dense_layers", f"={self.first_dense_layers} must be below model.num_decoder_layers="
+                 f"{self.num_decoder_layers}: it counts the dense layers among them")
 
     def _check_mla(self, fail):
         if self.kind != "decoder":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+DENSE_PREFIX = "dense_prefix"  # the stack of a decoder's first dense layers (model.first_dense_layers)
 STREAM_FEATURES = ("input_tokens", "segment_ids", "positions")  # per stream: '<stream>_<feature>'
 TARGET_FEATURES = (("decoder_target_tokens", "int32"), ("decoder_loss_weights", "float32"))
 
@@ -31,8 +32,21 @@ class Family:
     prompt_ends_with_eos: bool
 
     def stacks(self, cfg) -> list[tuple[str, int, int]]:
-        """(stack, depth, moe_every) of each stack the model has, encoder first."""
-        return [(s, getattr(cfg, f"num_{s}_layers"), getattr(cfg, f"{s}_moe_every")) for s in self.streams]
+        """(stack, depth, moe_every) of each stack the model has, in the order they run: the encoder's,
+        then a decoder-only model's 'dense_prefix' of model.first_dense_layers, then the decoder's."""
+        out = []
+        for s in self.streams:
+            depth = getattr(cfg, f"num_{s}_layers")
+            if s == "decoder" and cfg.first_dense_layers:
+                out.append((DENSE_PREFIX, cfg.first_dense_layers, 0))
+                depth -= cfg.first_dense_layers
+            out.append((s, depth, getattr(cfg, f"{s}_moe_every")))
+        return out
+
+    def first_layer(self, cfg, stack: str) -> int:
+        """The index, among its stream's layers, of the stack's first layer (the decoder's follows
+        the dense prefix)."""
+        return cfg.first_dense_layers if stack == "decoder" else 0
 
     def moe_every(self, cfg) -> dict[str, int]:
         """{stack: moe_every} of the stacks that have MoE layers."""

@@ -47,10 +47,10 @@ def _positions(tokens, positions):
     return jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L)) if positions is None else positions
 
 
-def _empty_cache(cfg: ModelConfig, stack: Stack, batch: int, max_len: int) -> list[dict]:
+def _empty_cache(cfg: ModelConfig, stack: Stack, batch: int, max_len: int, period: int) -> list[dict]:
     """Per layer of a unit: {'k', 'v': [U, B, M, KVH, Dh]}, or MLA's {'latent': [U, B, M, R],
     'k_rope': [U, B, M, Dr]}."""
-    period = cfg.decoder_moe_every or 1
+    period = period or 1
     if cfg.attention == "mla":
         rows = (stack.num_units, batch, max_len)
         return [{"latent": jnp.zeros(rows + (cfg.kv_lora_rank,), cfg.activation_dtype),
@@ -69,8 +69,20 @@ class DecoderOnly(nnx.Module):
         self.position_bias = (RelativePositionBias(cfg.relative_buckets, cfg.relative_max_distance,
                                                    cfg.num_heads, bidirectional=False, rngs=rngs)
                               if cfg.position == "relative" else None)
-        self.decoder = Stack(cfg, cfg.num_decoder_layers, cfg.decoder_moe_every, causal=True, cross=False,
-                             rngs=rngs)
+        # DeepSeek's first_k_dense_replace: dense layers before the MoE units, scanned on their own.
+        prefix = cfg.first_dense_layers
+        self.dense_prefix = (Stack(cfg, prefix, 0, causal=True, cross=False, rngs=rngs, final_norm=False)
+                             if prefix else None)
+        self.decoder = Stack(cfg, cfg.num_decoder_layers - prefix, cfg.decoder_moe_every, causal=True,
+                             cross=False, rngs=rngs)
+
+    def _stacks(self, x, caches, **kwargs):
+        """The dense prefix (if any), then the decoder stack: (x, decoder MoEAux, caches)."""
+        new = {}
+        for name, stack in (("dense_prefix", self.dense_prefix), ("decoder", self.decoder)):
+            if stack is not None:
+                x, aux, new[name] = stack(x, caches=None if caches is None else caches[name], **kwargs)
+        return x, aux, None if caches is None else new
 
     def _bias(self, q_pos, k_pos):
         return None if self.position_bias is None else self.position_bias(q_pos, k_pos)
@@ -81,11 +93,16 @@ class DecoderOnly(nnx.Module):
         seg = jnp.ones_like(tokens) if segment_ids is None else segment_ids
         mask = make_mask(seg, seg, causal=True, q_pos=pos, k_pos=pos)
         x = self.dropout(self.embed(tokens))
-        x, aux, _ = self.decoder(x, mask=mask, bias=self._bias(pos, pos), positions=pos, dropless=dropless)
+        x, aux, _ = self._stacks(x, None, mask=mask, bias=self._bias(pos, pos), positions=pos,
+                                 dropless=dropless)
         return self.embed.logits(x), {**mean_aux([aux]), "moe": {"decoder": aux}}
 
-    def init_cache(self, batch: int, max_len: int) -> list[dict]:
-        return _empty_cache(self.cfg, self.decoder, batch, max_len)
+    def init_cache(self, batch: int, max_len: int) -> dict[str, list[dict]]:
+        """{'decoder': the decoder stack's cache, 'dense_prefix': the prefix's, if there is one}."""
+        cache = {"decoder": _empty_cache(self.cfg, self.decoder, batch, max_len, self.cfg.decoder_moe_every)}
+        if self.dense_prefix is not None:
+            cache["dense_prefix"] = _empty_cache(self.cfg, self.dense_prefix, batch, max_len, 0)
+        return cache
 
     def decode(self, tokens, cache, *, index, key_valid):
         """One incremental call: tokens int [B, Lq] at positions index ... index + Lq - 1.
@@ -97,7 +114,7 @@ class DecoderOnly(nnx.Module):
         mask = make_mask(jnp.ones_like(tokens), key_valid.astype(jnp.int32), causal=True, q_pos=q_pos,
                          k_pos=k_pos)
         x = self.embed(tokens)
-        x, _, cache = self.decoder(x, mask=mask, bias=self._bias(q_pos, k_pos), positions=q_pos, caches=cache,
+        x, _, cache = self._stacks(x, cache, mask=mask, bias=self._bias(q_pos, k_pos), positions=q_pos,
                                    cache_index=index, dropless=True)
         return self.embed.logits(x), cache
 
@@ -154,7 +171,7 @@ class EncoderDecoder(nnx.Module):
                                       "moe": {"encoder": enc_aux, "decoder": dec_aux}}
 
     def init_cache(self, batch: int, max_len: int) -> list[dict]:
-        return _empty_cache(self.cfg, self.decoder, batch, max_len)
+        return _empty_cache(self.cfg, self.decoder, batch, max_len, self.cfg.decoder_moe_every)
 
     def decode(self, tokens, cache, *, index, key_valid, encoded, input_valid):
         """Incremental decoder call (see DecoderOnly.decode); encoded [B, Li, D], input_valid bool [B, Li]."""
