@@ -94,10 +94,18 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     m, moe = config.model, config.moe
     m.vocab_size, m.d_model, m.num_heads, m.head_dim, m.d_ff = 8192, 128, 4, 32, 512
     m.num_kv_heads = min(m.num_kv_heads, 2)
+    m.first_dense_layers = min(m.first_dense_layers, 1)
     for stack in ("encoder", "decoder"):
         period = m[f"{stack}_moe_every"]
-        m[f"num_{stack}_layers"] = 2 if period <= 1 else period
+        prefix = m.first_dense_layers if stack == "decoder" else 0
+        m[f"num_{stack}_layers"] = (2 if period <= 1 else period) + prefix
+    if m.attention == "mla":
+        m.q_lora_rank = min(m.q_lora_rank, 64)
+        m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 64, 32, 16, 32
+    groups = min(moe.num_expert_groups, 4)  # of 2 experts each, as many of them open as before
+    moe.k_groups = max(1, moe.k_groups * groups // moe.num_expert_groups)
     moe.num_experts, moe.k, moe.d_ff = min(moe.num_experts, 8), min(moe.k, 2), 256
+    moe.num_expert_groups = groups
     moe.num_shared_experts = min(moe.num_shared_experts, 1)
     m.dtype = "float32"
     config.seq_len, config.target_seq_len, config.batch_size = 128, 0, 16

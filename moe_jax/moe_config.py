@@ -51,6 +51,9 @@ class MoEConfig:
     router_init_scale: float = 0.1  # truncated normal, std sqrt(scale / d_model) (Switch Table 3)
     jitter_eps: float = 0.0  # multiply router inputs by U[1-eps, 1+eps] in training (Switch)
     bias_update_rate: float = 0.0  # > 0: DeepSeek-V3 auxiliary-loss-free balancing bias
+    # A per-expert bias added to the scores that choose experts (DeepSeek-V3's e_score_correction_bias),
+    # kept as a variable; bias_update_rate > 0 implies it and nudges it, 0 keeps it fixed (an import).
+    selection_bias: bool = False
     routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V2/V3)
     num_expert_groups: int = 1  # 'hierarchical': E1 groups of num_experts / E1 experts
     k_groups: int = 1  # 'hierarchical': groups chosen per token
@@ -106,6 +109,10 @@ class MoEConfig:
                 raise ValueError(f"moe.{field}={getattr(self, field)!r} does not apply to "
                                  f"moe.router={self.router!r}, which does not read it: leave it at its "
                                  f"default {defaults[field]!r}")
+
+    @property
+    def has_selection_bias(self) -> bool:
+        return self.selection_bias or self.bias_update_rate > 0
 
     @property
     def kind(self) -> routers.RouterKind:

@@ -4,7 +4,8 @@ Switch (Fedus et al. 2021, Table 2) found a bfloat16 router unstable and a float
 a bfloat16 model stable: parameters are float32 and the input is cast to float32, whatever the
 model's dtype. Training-only input jitter (Switch) multiplies router inputs by U[1-eps, 1+eps].
 With moe.bias_update_rate > 0 it keeps DeepSeek-V3's auxiliary-loss-free selection bias (Wang et
-al. 2024), nudged toward balance after every training step. What the parameters are and how they
+al. 2024), nudged toward balance after every training step; moe.selection_bias keeps one without
+updates (an imported checkpoint's e_score_correction_bias). What the parameters are and how they
 become a routing decision is the router kind's: this module is the same for every router.
 """
 from __future__ import annotations
@@ -27,13 +28,13 @@ class Router(nnx.Module):
         self.kind = routers.get(cfg.router)
         for name, param in self.kind.init_params(cfg, d_model, rngs).items():
             setattr(self, name, param)
-        if cfg.bias_update_rate > 0:
+        if cfg.has_selection_bias:
             self.balance_bias = BalanceBias(jnp.zeros((cfg.num_experts,), jnp.float32))
         self.rng = rngs["router"].fork()  # its own stream (falls back to 'default'), as nnx.Dropout does
 
     def choice_bias(self) -> jax.Array | None:
         """The auxiliary-loss-free bias [E] added to the scores that choose experts, or None."""
-        return self.balance_bias[...] if self.cfg.bias_update_rate > 0 else None
+        return self.balance_bias[...] if self.cfg.has_selection_bias else None
 
     def __call__(self, x: jax.Array, *, capacity: int | None, train: bool):
         """x [G, S, D] -> the router kind's routing decision."""

@@ -102,6 +102,8 @@ MODEL_CASES = {
         load("mixtral_8x7b.py:tiny")),
     "qwen3:tiny (qk_norm)": lambda: configuration.model_config(load("qwen3_30b_a3b.py:tiny")),
     "deepseek_moe:tiny (shared experts)": lambda: configuration.model_config(load("deepseek_moe.py:tiny")),
+    "deepseek_v3:tiny (MLA, expert groups, dense prefix)": lambda: configuration.model_config(
+        load("deepseek_v3.py:tiny")),
     "latent attention, query bottleneck": lambda: small(
         kind="decoder", position="rope", attention="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
         qk_rope_head_dim=2, v_head_dim=6),
@@ -173,6 +175,9 @@ def test_published_sizes():
     T5.1.1-Base: 0.25B (gated GELU 2048, untied).
     Mixtral 8x7B: 46.7B parameters, 12.9B active per token (Jiang et al. 2024).
     Qwen3-30B-A3B: 30.5B parameters, 3.3B active (Qwen3 Technical Report, Yang et al. 2025).
+    DeepSeekMoE 16B: 16.4B, 2.8B active (Dai et al. 2024). DeepSeek-V3: 671B, 37B active, without
+    its multi-token-prediction module (DeepSeek-AI 2024). Kimi K2: 1.04T, 32.6B active (Kimi Team
+    2025, Table 2).
     """
     def billions(config):
         return accounting.account_config(config).total_params / 1e9
@@ -195,6 +200,16 @@ def test_published_sizes():
     assert round(qwen3.total_params / 1e9, 1) == 30.5
     # Published "3.3B activated"; we count 3.353B (embedding and output projection included), 1.6% over.
     assert abs(qwen3.total_active_params / 3.3e9 - 1) < 0.02
+    dsmoe = accounting.account_config(load("deepseek_moe.py"))
+    assert (round(dsmoe.total_params / 1e9, 1), round(dsmoe.total_active_params / 1e9, 1)) == (16.4, 2.8)
+    v3 = accounting.account_config(load("deepseek_v3.py"))
+    assert (round(v3.total_params / 1e9), round(v3.total_active_params / 1e9)) == (671, 38)
+    assert abs(v3.total_active_params / 37e9 - 1) < 0.02  # 37.55B: "37B activated" rounds down
+    kimi = accounting.account_config(load("kimi_k2.py"))
+    # We count 1.026T: 14B (1.3%) under the report, which does not itemize its total; one more
+    # MoE layer of 385 experts is 17B. Active: 32.86B, 0.8% over the report's 32.6B.
+    assert abs(kimi.total_params / 1.04e12 - 1) < 0.015
+    assert abs(kimi.total_active_params / 32.6e9 - 1) < 0.01
 
 
 XLA_FLOP_CASES = {

@@ -147,6 +147,22 @@ def test_auxiliary_loss_free_bias_moves_toward_balance():
     assert "balance_bias" not in str(jax.tree_util.tree_structure(grads))  # not a trained parameter
 
 
+@pytest.mark.parametrize("router", ["top_k", "sigmoid"])
+def test_a_fixed_selection_bias_chooses_but_never_moves(router):
+    """moe.selection_bias without updates (an imported e_score_correction_bias): it changes which
+    experts are chosen, not their weights, and training leaves it where it is."""
+    layer = make(router=router, k=1, selection_bias=True, train_capacity_factor=0.0)
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 8, D))
+    layer.eval()
+    _, plain = layer(x)
+    layer.router.balance_bias[...] = jnp.zeros(layer.cfg.num_experts).at[0].set(10.0)  # everyone picks 0
+    layer.train()
+    _, aux = layer(x)
+    np.testing.assert_array_equal(np.asarray(aux.stats["routed_per_expert"])[0], 16)
+    assert np.asarray(plain.stats["routed_per_expert"])[0] < 16
+    assert float(layer.router.balance_bias[...][0]) == 10.0  # bias_update_rate=0: never nudged
+
+
 def test_index_dispatch_never_builds_a_dispatch_mask():
     """[G, S, E, C] masks are the einsum's; the index and dropless strategies' largest arrays are the
     router's [G, S, K, E] one-hot choice masks (its top-k without scatters), with no capacity axis."""

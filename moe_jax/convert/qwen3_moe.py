@@ -42,10 +42,13 @@ class Qwen3Moe(Mixtral):
     def config_from_hf(self, config, hf: dict) -> None:
         if field(hf, "attention_bias", False):
             raise refuse("attention_bias", True, "Qwen3's projections have no biases in moe_jax")
-        window = field(hf, "sliding_window", None) if field(hf, "use_sliding_window", False) else None
-        super().config_from_hf(config, {**hf, "num_local_experts": _num_experts(hf), "sliding_window": window})
+        windowed = field(hf, "use_sliding_window", False)
+        window = field(hf, "sliding_window", None) if windowed else None
+        super().config_from_hf(config, {**hf, "num_local_experts": _num_experts(hf),
+                                        "sliding_window": window})
         step = int(field(hf, "decoder_sparse_step", 1))
-        config.model.update(dict(qk_norm=True, decoder_moe_every=step, first_dense_layers=_dense_prefix(hf, step)))
+        config.model.update(dict(qk_norm=True, decoder_moe_every=step,
+                                 first_dense_layers=_dense_prefix(hf, step)))
         config.moe.update(dict(d_ff=field(hf, "moe_intermediate_size"),
                                renormalize=bool(field(hf, "norm_topk_prob", False))))
 
@@ -56,13 +59,15 @@ class Qwen3Moe(Mixtral):
             ("routed_scaling_factor", 1.0), ("bias_update_rate", 0.0)) if getattr(moe, name) != ok}
         if moe.train_capacity_factor > 0 or moe.eval_capacity_factor > 0:
             wrong["capacity factors"] = (moe.train_capacity_factor, moe.eval_capacity_factor)
-        shape = (mc.kind, mc.position, mc.attention, mc.qk_norm, mc.tie_embeddings, mc.moe_extra_dense_ffn)
-        if shape != ("decoder", "rope", "mha", True, False, False) or not step or mc.first_dense_layers % step:
+        shape = (mc.kind, mc.position, mc.attention, mc.qk_norm, mc.tie_embeddings,
+                 mc.moe_extra_dense_ffn)
+        misplaced = not step or mc.first_dense_layers % step
+        if shape != ("decoder", "rope", "mha", True, False, False) or misplaced:
             wrong["model"] = shape + (step, mc.first_dense_layers)
         if wrong:
-            raise ConversionError("HF Qwen3-MoE is a decoder with RoPE, query/key norms, untied output, top-k "
-                                  "SwiGLU experts, no token dropping and dense layers first (a multiple of "
-                                  f"decoder_moe_every); these differ: {wrong}")
+            raise ConversionError("HF Qwen3-MoE is a decoder with RoPE, query/key norms, untied output, "
+                                  "top-k SwiGLU experts, no token dropping and dense layers first (a "
+                                  f"multiple of decoder_moe_every); these differ: {wrong}")
         return {"model_type": "qwen3_moe", "architectures": [self.architecture], "vocab_size": mc.vocab_size,
                 "hidden_size": mc.d_model, "intermediate_size": mc.d_ff, "moe_intermediate_size": moe.d_ff,
                 "num_hidden_layers": mc.num_decoder_layers, "num_attention_heads": mc.num_heads,
@@ -89,6 +94,8 @@ class Qwen3Moe(Mixtral):
                                           at("ffn", "experts", "wi", 1)),
                             transposed(f"{hf}.mlp.experts.down_proj", at("ffn", "experts", "wo"))]
         names = [f"{hf}.mlp.experts.{e}" for e in range(mc.moe.num_experts)]
-        return rules + [mapping.experts([f"{n}.gate_proj.weight" for n in names], at("ffn", "experts", "wi", 0)),
-                        mapping.experts([f"{n}.up_proj.weight" for n in names], at("ffn", "experts", "wi", 1)),
-                        mapping.experts([f"{n}.down_proj.weight" for n in names], at("ffn", "experts", "wo"))]
+        gate, up, down = ([f"{n}.{proj}.weight" for n in names]
+                          for proj in ("gate_proj", "up_proj", "down_proj"))
+        return rules + [mapping.experts(gate, at("ffn", "experts", "wi", 0)),
+                        mapping.experts(up, at("ffn", "experts", "wi", 1)),
+                        mapping.experts(down, at("ffn", "experts", "wo"))]

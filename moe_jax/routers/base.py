@@ -26,11 +26,12 @@ if TYPE_CHECKING:
 # moe.* options that belong to some routers only: a router that does not read one refuses a value
 # other than its default. Options outside this list (experts, capacity, groups, jitter) are common.
 ROUTER_OPTIONS = ("k", "order", "batch_prioritized", "renormalize", "second_choice", "router_dtype",
-                  "router_init_scale", "bias_update_rate", "routed_scaling_factor", "num_expert_groups",
-                  "k_groups", "soft_slots_per_expert")
+                  "router_init_scale", "bias_update_rate", "selection_bias", "routed_scaling_factor",
+                  "num_expert_groups", "k_groups", "soft_slots_per_expert")
 # Read by every router whose choices fill expert buffers token by token.
 TOKEN_ORDER = ("k", "order", "batch_prioritized")
 KERNEL = ("router_dtype", "router_init_scale")  # read by routers with a [D, E] logits kernel
+BALANCE_BIAS = ("bias_update_rate", "selection_bias")  # read by routers that choose by biased scores
 
 
 def project(x: jax.Array, kernel: jax.Array) -> jax.Array:

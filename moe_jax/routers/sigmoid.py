@@ -1,8 +1,9 @@
 """DeepSeek-V3's sigmoid gating (DeepSeek-AI 2024, "DeepSeek-V3 Technical Report", Sec. 2.1).
 
 Affinities s = sigmoid(x W) [G, S, E]. Experts are chosen by s + b, where b is the
-auxiliary-loss-free balancing bias (moe.bias_update_rate > 0; Wang et al. 2024) and is used for
-selection only. With moe.num_expert_groups > 1 the choice is group-limited: each group of
+auxiliary-loss-free balancing bias (moe.bias_update_rate > 0, or moe.selection_bias for a fixed
+one such as an imported e_score_correction_bias; Wang et al. 2024) and is used for selection only.
+With moe.num_expert_groups > 1 the choice is group-limited: each group of
 E / num_expert_groups experts is scored by the sum of its two highest s + b, and only the
 moe.k_groups best groups may be chosen (masked with -inf, as DeepSeek's reference code does;
 transformers' port fills 0, which differs only when a biased score is negative). The combine
@@ -60,8 +61,8 @@ def sigmoid_choose(logits: jax.Array, *, k: int, capacity: int | None, choice_bi
 class Sigmoid(base.RouterKind):
     name = "sigmoid"
     paper = "DeepSeek-V3 (DeepSeek-AI 2024)"
-    reads = base.TOKEN_ORDER + base.KERNEL + ("renormalize", "bias_update_rate", "routed_scaling_factor",
-                                              "num_expert_groups", "k_groups")
+    reads = base.TOKEN_ORDER + base.KERNEL + base.BALANCE_BIAS + ("renormalize", "routed_scaling_factor",
+                                                                  "num_expert_groups", "k_groups")
 
     def validate(self, cfg) -> None:
         super().validate(cfg)

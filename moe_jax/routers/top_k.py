@@ -10,8 +10,8 @@ from moe_jax.routers import base
 class TopK(base.RouterKind):
     name = "top_k"
     paper = "Switch (Fedus et al. 2021), GShard (Lepikhin et al. 2020), Mixtral (Jiang et al. 2024)"
-    reads = base.TOKEN_ORDER + base.KERNEL + ("renormalize", "second_choice", "bias_update_rate",
-                                              "routed_scaling_factor")
+    reads = base.TOKEN_ORDER + base.KERNEL + base.BALANCE_BIAS + ("renormalize", "second_choice",
+                                                                  "routed_scaling_factor")
 
     def validate(self, cfg) -> None:
         super().validate(cfg)
