@@ -7,8 +7,9 @@ speed 0.001) and a sequence-wise balance loss of weight 0.0001; no token droppin
 multi-head latent attention (128 heads; query rank 1536, KV rank 512, 128 + 64 rotary dimensions
 per query/key head, values 128). 671B parameters, 37B active (the multi-token-prediction module of
 the released checkpoint is not counted, as the report does not). Pre-training at 4K context; the
-YaRN context extension to 128K is a later stage. `--config=configs/deepseek_v3.py:tiny` runs the
-same architecture on a CPU."""
+released 128K model adds YaRN (model.rope_scaling='yarn', yarn_factor=40, yarn_mscale=1,
+yarn_mscale_all_dim=1), which the converter reads from its config.json.
+`--config=configs/deepseek_v3.py:tiny` runs the same architecture on a CPU."""
 from configs import base
 
 

@@ -1,6 +1,7 @@
-"""moe_jax.convert against transformers: tiny random-weight T5 v1.0, T5.1.1, Switch, Mixtral and
-Qwen3-MoE models saved by transformers with the logits it computed (tests/fixtures/hf, made by
-tests/fixtures/hf/make_fixtures.py; see its docstring to refresh them). No torch needed here.
+"""moe_jax.convert against transformers: tiny random-weight T5 v1.0, T5.1.1, Switch, Mixtral,
+Qwen3-MoE and DeepSeek-V3 (with and without a query bottleneck) models saved by transformers with
+the logits it computed (tests/fixtures/hf, made by tests/fixtures/hf/make_fixtures.py; see its
+docstring to refresh them). No torch needed here.
 
 Imported models must give transformers' logits to 1e-4 relative (max |diff| / max |logit|, float32),
 Switch with token dropping (its fixture's expert_capacity=2) and without; export must write back
@@ -25,7 +26,7 @@ from moe_jax.convert import hf_io, workdir
 from tests.faults import cli
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
-NAMES = ("t5_v1_0", "t5_v1_1", "switch", "mixtral", "qwen3_moe")
+NAMES = ("t5_v1_0", "t5_v1_1", "switch", "mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v3_direct_q")
 # config.json fields whose values change what the model computes, per model_type.
 T5_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
              "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
@@ -38,12 +39,20 @@ MATTERS = {"t5": T5_FIELDS + ("feed_forward_proj",),
            "mixtral": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                        "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
                        "num_experts_per_tok", "hidden_act", "rms_norm_eps", "sliding_window",
-                       "tie_word_embeddings", "model_type", "architectures"),
+                       "rope_parameters", "tie_word_embeddings", "model_type", "architectures"),
            "qwen3_moe": ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
                          "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                          "num_experts_per_tok", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
                          "hidden_act", "rms_norm_eps", "sliding_window", "attention_bias",
-                         "tie_word_embeddings", "model_type", "architectures")}
+                         "rope_parameters", "tie_word_embeddings", "model_type", "architectures"),
+           "deepseek_v3": ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                           "num_hidden_layers", "first_k_dense_replace", "num_attention_heads",
+                           "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
+                           "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "num_experts_per_tok",
+                           "n_shared_experts", "n_group", "topk_group", "norm_topk_prob",
+                           "routed_scaling_factor", "hidden_act", "rms_norm_eps", "rope_interleave",
+                           "rope_parameters", "attention_bias", "tie_word_embeddings", "model_type",
+                           "architectures")}
 
 
 def fixture(name):
@@ -116,6 +125,39 @@ def test_configs_state_the_checkpoints_choices(imported):
     qwen = imported["qwen3_moe"][0]  # mlp_only_layers=[0], norm_topk_prob=False, experts 16 wide
     assert (qwen.model.qk_norm, qwen.model.first_dense_layers, qwen.model.d_ff, qwen.moe.d_ff,
             qwen.moe.num_experts, qwen.moe.renormalize) == (True, 1, 48, 16, 4, False)
+    v3 = imported["deepseek_v3"][0]
+    assert (v3.model.attention, v3.model.q_lora_rank, v3.model.first_dense_layers, v3.moe.router,
+            v3.moe.num_expert_groups, v3.moe.k_groups, v3.moe.num_shared_experts,
+            v3.moe.routed_scaling_factor, v3.moe.selection_bias, v3.moe.bias_update_rate) == (
+        "mla", 16, 1, "sigmoid", 4, 2, 1, 2.5, True, 0.0)
+    assert imported["deepseek_v3_direct_q"][0].model.q_lora_rank == 0
+
+
+def test_deepseek_selection_bias_and_interleaved_rope_matter(imported, tmp_path):
+    """The imported e_score_correction_bias is the router's selection bias; zeroing it, or reading
+    the rope rows as already rotate-half, moves the logits away from transformers'. So does
+    dropping YaRN from the fixtures that have it (DeepSeek's latent attention, Qwen3's)."""
+    config, model = imported["deepseek_v3"]
+    hf = load_file(os.path.join(fixture("deepseek_v3"), "model.safetensors"))
+    bias = np.asarray(model.decoder.units.layers[0].ffn.router.balance_bias[...])  # [U, E]
+    np.testing.assert_array_equal(bias[1], hf["model.layers.2.mlp.gate.e_score_correction_bias"])
+    unbiased = {k: np.zeros_like(v) if k.endswith("e_score_correction_bias") else v for k, v in hf.items()}
+    for changes, tensors in (({}, unbiased), ({"rope_interleave": False}, None)):
+        _, other = convert.from_hf(edited(tmp_path / str(len(changes)), "deepseek_v3", changes, tensors))
+        assert relative_error(run(other, data("deepseek_v3"))[0], data("deepseek_v3")["logits"]) > 1e-3
+    plain = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    for name in ("deepseek_v3_direct_q", "qwen3_moe"):
+        assert imported[name][0].model.rope_scaling == "yarn"
+        _, other = convert.from_hf(edited(tmp_path / "plain", name, plain))
+        assert relative_error(run(other, data(name))[0], data(name)["logits"]) > 1e-3
+
+
+def test_deepseek_multi_token_prediction_layers_are_left_out(imported, tmp_path):
+    hf = load_file(os.path.join(fixture("deepseek_v3"), "model.safetensors"))
+    mtp = {k.replace("layers.2.", "layers.3."): v for k, v in hf.items() if ".layers.2." in k}
+    _, model = convert.from_hf(edited(tmp_path, "deepseek_v3", tensors={**hf, **mtp}))
+    np.testing.assert_array_equal(run(model, data("deepseek_v3"))[0],
+                                  run(imported["deepseek_v3"][1], data("deepseek_v3"))[0])
 
 
 def test_t5_query_weights_carry_sqrt_d_kv(imported):
@@ -198,6 +240,15 @@ def test_bad_input_is_refused_with_the_field_named(tmp_path):
         (edited(tmp_path, "qwen3_moe", {"mlp_only_layers": [1]}), r"mlp_only_layers=\[1\] is not supported"),
         (edited(tmp_path / "q", "qwen3_moe", {"use_sliding_window": True, "sliding_window": 4}),
          r"sliding_window=4 is not supported"),
+        (edited(tmp_path, "deepseek_v3", {"quantization_config": {"quant_method": "fp8"}}),
+         r"quantization_config='fp8' is not supported: .*dequantize"),
+        (edited(tmp_path / "k", "deepseek_v3", {"num_key_value_heads": 2}), r"num_key_value_heads=2"),
+        (edited(tmp_path / "e", "deepseek_v3", {"rms_norm_eps": 1e-5}), r"rms_norm_eps=1e-05"),
+        (edited(tmp_path / "y", "deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 4.0}}),
+         r"rope_type='linear' is not supported"),
+        (edited(tmp_path / "z", "deepseek_v3", {"rope_parameters": None, "rope_scaling": {  # 4.x's form
+            "type": "yarn", "factor": 4.0, "attention_factor": 1.0}}),
+         r"attention_factor=1.0 is not supported"),
     ]
     two = dict(hf_tensors)
     two.pop("encoder.block.1.layer.1.mlp.experts.expert_3.wo.weight")

@@ -10,7 +10,7 @@ from flax import nnx
 
 from moe_jax import MoEConfig, routing
 from moe_jax.experts import FeedForward
-from moe_jax.models import ModelConfig, build_model, generate
+from moe_jax.models import ModelConfig, build_model, generate, position
 
 V = 37
 
@@ -250,6 +250,10 @@ def test_remat_policies_keep_less_for_the_backward_pass():
     (dict(moe={"router": "expert_choice", "k": 1, "order": "rank_major"}),
      "moe.router='expert_choice'.*decoder_moe_every=0"),
     (dict(moe={"order": "rank_major"}), "moe.order='rank_major'"),
+    (dict(position="rope", yarn_factor=4.0), r"model.yarn_factor=4.0 applies to model.rope_scaling='yarn'"),
+    (dict(rope_scaling="yarn", yarn_factor=4.0), "model.rope_scaling='yarn'.*needs model.position='rope'"),
+    (dict(position="rope", rope_scaling="yarn", yarn_mscale=-1.0), "model.yarn_mscale must be >= 0"),
+    (dict(rope_scaling="ntk"), "model.rope_scaling must be one of"),
 ])
 def test_bad_configs_are_refused(opts, message):
     with pytest.raises(ValueError, match=message):
@@ -324,3 +328,18 @@ def test_qk_norm_normalises_each_heads_query_and_key():
     np.testing.assert_allclose(logits(True, proj_scale=3.0), base, rtol=1e-4, atol=1e-4)
     assert np.max(np.abs(logits(True, norm_scale=3.0) - base)) > 1e-3
     assert np.max(np.abs(logits(False, proj_scale=3.0) - logits(False))) > 1e-3
+
+
+def test_yarn_keeps_fast_pairs_and_stretches_slow_ones():
+    """YaRN (position.rope_for): pairs that turn more than beta_fast times within the original
+    context keep their frequency, those under beta_slow are divided by the factor; cos and sin get
+    0.1 ln(s) + 1 with no mscale given."""
+    plain = position.rope_for(tiny(position="rope", rope_theta=10000.0), 64)
+    yarn = position.rope_for(tiny(position="rope", rope_theta=10000.0, rope_scaling="yarn", yarn_factor=8.0,
+                                  yarn_original_length=4096), 64)
+    ratio = np.array(yarn.freq) / np.array(plain.freq)  # [32]
+    turns = 4096 * np.array(plain.freq) / (2 * np.pi)  # rotations of each pair in the original context
+    np.testing.assert_allclose(ratio[turns > 33], 1.0, rtol=1e-6)
+    np.testing.assert_allclose(ratio[turns < 0.5], 1 / 8, rtol=1e-6)
+    assert 0.1 < ratio[(turns > 2) & (turns < 20)].min() < ratio[(turns > 2) & (turns < 20)].max() < 1
+    assert plain.scale == 1.0 and yarn.scale == pytest.approx(0.1 * np.log(8) + 1)

@@ -1,4 +1,5 @@
-"""Hugging Face checkpoints in and out: T5 (v1.0 and 1.1), Switch Transformers, Mixtral and Qwen3-MoE.
+"""Hugging Face checkpoints in and out: T5 (v1.0 and 1.1), Switch Transformers, Mixtral, Qwen3-MoE
+and DeepSeek-V3.
 
     config, model = moe_jax.convert.from_hf("path/to/hf_dir")   # eval mode, imported weights
     logits, aux = model(encoder_ids, decoder_ids)                # or model(ids), decoder-only
@@ -8,8 +9,9 @@
 model and routing field stated; `model` is what moe_jax.models builds from it. Weights are read and
 written with safetensors' numpy API (no torch), single-file or sharded. Each family's module says
 how transformers' semantics are matched exactly, or refused with the reason: t5.py, switch.py,
-mixtral.py, qwen3_moe.py. `python -m moe_jax.convert import|export` moves checkpoints between an HF directory
-and a moe_jax workdir (workdir.py).
+mixtral.py, qwen3_moe.py, deepseek_v3.py. `python -m moe_jax.convert import|export` moves
+checkpoints between an HF directory and a moe_jax workdir (workdir.py). The weights are the
+parameters plus DeepSeek-V3's selection bias (a non-trained variable, router.BalanceBias).
 """
 from __future__ import annotations
 
@@ -23,14 +25,18 @@ from flax import nnx
 
 from moe_jax import configuration
 from moe_jax.convert import hf_io, mapping
+from moe_jax.convert.deepseek_v3 import DeepseekV3
 from moe_jax.convert.hf_io import ConversionError
 from moe_jax.convert.mixtral import Mixtral
 from moe_jax.convert.qwen3_moe import Qwen3Moe
 from moe_jax.convert.switch import Switch
 from moe_jax.convert.t5 import T5
 from moe_jax.models import build_model
+from moe_jax.router import BalanceBias
 
-FAMILIES = {name: family for family in (T5(), Switch(), Mixtral(), Qwen3Moe()) for name in family.model_types}
+FAMILIES = {name: family for family in (T5(), Switch(), Mixtral(), Qwen3Moe(), DeepseekV3())
+            for name in family.model_types}
+WEIGHTS = (nnx.Param, BalanceBias)  # what a checkpoint holds: the parameters and the selection bias
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # T5's SentencePiece vocabulary: our ids (pad 0, eos 1, unk 2, sentinels on top)
 TOKENIZER_FILE = "spiece.model"
@@ -49,8 +55,11 @@ def hf_family(hf: dict, source: str):
 
 
 def model_family(mc):
-    """The HF architecture a ModelConfig exports to: Qwen3-MoE (decoder with qk_norm), Mixtral
-    (decoder), Switch (sparse), T5 (dense)."""
+    """The HF architecture a ModelConfig exports to: DeepSeek-V3 (decoder with latent attention or
+    sigmoid routing), Qwen3-MoE (decoder with qk_norm), Mixtral (decoder), Switch (sparse), T5
+    (dense)."""
+    if mc.kind == "decoder" and (mc.attention == "mla" or mc.moe.router == "sigmoid"):
+        return FAMILIES["deepseek_v3"]
     if mc.kind == "decoder":
         return FAMILIES["qwen3_moe" if mc.qk_norm else "mixtral"]
     if mc.qk_norm:
@@ -95,9 +104,9 @@ def _build(mc, rules, tensors: dict, source: str):
     """The model of `mc` holding the mapped tensors, without initialising random weights."""
     def make():
         return build_model(mc, rngs=nnx.Rngs(params=0, dropout=1, router=2))
-    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    graphdef, abstract_params, _ = nnx.split(nnx.eval_shape(make), WEIGHTS, ...)
     # The other variables (RNG streams) are small; jit drops the unused parameter initialisers.
-    rest = jax.jit(lambda: nnx.split(make(), nnx.Param, ...)[2])()
+    rest = jax.jit(lambda: nnx.split(make(), WEIGHTS, ...)[2])()
     loaded = mapping.load_params(rules, tensors, nnx.to_pure_dict(abstract_params), source)
     nnx.replace_by_pure_dict(abstract_params, jax.tree.map(jnp.asarray, loaded))
     model = nnx.merge(graphdef, abstract_params, rest)
@@ -120,7 +129,7 @@ def to_hf(config, model, hf_dir: str, *, dtype: str | None = None, capacity_leng
     if name not in NUMPY_DTYPES:
         raise ConversionError(f"dtype={name!r}: write one of {sorted(NUMPY_DTYPES)}")
     hf["dtype"] = name
-    params = _scanned(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param))))
+    params = _scanned(jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, WEIGHTS))))
     tensors = family.finish(mapping.save_params(family.rules(mc), params, NUMPY_DTYPES[name]), mc)
     hf_io.write(hf_dir, hf, tensors, max_shard_bytes=max_shard_bytes)
     return hf

@@ -7,7 +7,8 @@ Expert weights come in two layouts, both read: the per-expert one save_pretraine
 it on load), and 5.x's fused in-memory one (`mlp.experts.gate_up_proj` [E, 2F, D], gate rows
 first, `down_proj` [E, D, F], router `mlp.gate.weight`). Export writes the per-expert layout.
 HF's q/k projections are already in the rotate-half order our apply_rope uses, and attention is
-scaled by head_dim^-0.5 as ours is: no folding. Refused: a sliding window, RoPE scaling, another
+scaled by head_dim^-0.5 as ours is: no folding. RoPE is plain or YaRN-scaled (rope.py). Refused:
+a sliding window, another RoPE scaling, another
 activation than SiLU, and router_jitter_noise > 0 (HF multiplies the experts' input too, ours
 only the router's).
 """
@@ -18,17 +19,9 @@ import numpy as np
 from moe_jax.convert import mapping
 from moe_jax.convert.hf_io import ConversionError, field, refuse
 from moe_jax.convert.mapping import Rule, Target
+from moe_jax.convert.rope import rope_fields, rope_parameters
 
 FUSED = "model.layers.{i}.mlp.experts.gate_up_proj"
-
-
-def rope_theta(hf: dict) -> float:
-    """RoPE base from 5.x's rope_parameters or 4.x's rope_theta / rope_scaling; scaling refused."""
-    params = hf.get("rope_parameters") or {}
-    kind = params.get("rope_type", (hf.get("rope_scaling") or {}).get("rope_type", "default"))
-    if kind != "default" or (hf.get("rope_scaling") not in (None, {})):
-        raise refuse("rope_parameters.rope_type", kind, "moe_jax implements the default RoPE only")
-    return float(params.get("rope_theta", hf.get("rope_theta", 1e6)))
 
 
 def fused_gate_up(hf: str, gate: Target, up: Target) -> Rule:
@@ -78,7 +71,7 @@ class Mixtral:
             raise refuse("router_jitter_noise", hf["router_jitter_noise"],
                          "HF multiplies the experts' inputs by the noise too, moe_jax only the router's")
         m, moe = config.model, config.moe
-        m.update(dict(kind="decoder", position="rope", rope_theta=rope_theta(hf), activation="swiglu",
+        m.update(dict(kind="decoder", position="rope", **rope_fields(hf), activation="swiglu",
                       vocab_size=field(hf, "vocab_size"), d_model=field(hf, "hidden_size"),
                       num_heads=field(hf, "num_attention_heads"),
                       num_kv_heads=field(hf, "num_key_value_heads", field(hf, "num_attention_heads")),
@@ -115,7 +108,7 @@ class Mixtral:
         moe = mc.moe
         wrong = {name: getattr(moe, name) for name, ok in (
             ("router", "top_k"), ("renormalize", True), ("activation", "swiglu"), ("num_shared_experts", 0),
-            ("routed_scaling_factor", 1.0), ("bias_update_rate", 0.0), ("d_ff", mc.d_ff))
+            ("routed_scaling_factor", 1.0), ("has_selection_bias", False), ("d_ff", mc.d_ff))
             if getattr(moe, name) != ok}
         if moe.train_capacity_factor > 0 or moe.eval_capacity_factor > 0:
             wrong["capacity factors"] = (moe.train_capacity_factor, moe.eval_capacity_factor)
@@ -131,7 +124,7 @@ class Mixtral:
                 "num_key_value_heads": mc.kv_heads, "head_dim": mc.head_size,
                 "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.k, "hidden_act": "silu",
                 "rms_norm_eps": mc.norm_eps, "rope_theta": mc.rope_theta,
-                "rope_parameters": {"rope_type": "default", "rope_theta": mc.rope_theta},
+                "rope_parameters": rope_parameters(mc),
                 "sliding_window": None, "router_jitter_noise": 0.0, "tie_word_embeddings": False,
                 "attention_dropout": 0.0, "max_position_embeddings": 131072, "bos_token_id": 1,
                 "eos_token_id": 2}

@@ -8,15 +8,16 @@ norm_topk_prob (our moe.renormalize), and dense layers where `mlp_only_layers` o
 Layer i is sparse in HF when i is not in mlp_only_layers and (i + 1) % decoder_sparse_step == 0;
 ours when it is past model.first_dense_layers and last in its unit of model.decoder_moe_every.
 Both agree when mlp_only_layers is the prefix [0, k) with k a multiple of the step; other lists
-are refused, as are a sliding window, attention biases and RoPE scaling. Expert weights are read
-per expert (`mlp.experts.{e}.gate_proj|up_proj|down_proj`, what save_pretrained writes) or fused
-(`mlp.experts.gate_up_proj`, `down_proj`) and written per expert.
+are refused, as are a sliding window and attention biases; RoPE may be YaRN-scaled. Expert
+weights are read per expert (`mlp.experts.{e}.gate_proj|up_proj|down_proj`, what save_pretrained
+writes) or fused (`mlp.experts.gate_up_proj`, `down_proj`) and written per expert.
 """
 from __future__ import annotations
 
 from moe_jax.convert import mapping
 from moe_jax.convert.hf_io import ConversionError, field, refuse
 from moe_jax.convert.mapping import Rule
+from moe_jax.convert.rope import rope_parameters
 from moe_jax.convert.mixtral import (FUSED, Mixtral, attention_rules, fused_gate_up, layer_targets,
                                      transposed)
 
@@ -56,7 +57,7 @@ class Qwen3Moe(Mixtral):
         moe, step = mc.moe, mc.decoder_moe_every
         wrong = {name: getattr(moe, name) for name, ok in (
             ("router", "top_k"), ("activation", "swiglu"), ("num_shared_experts", 0),
-            ("routed_scaling_factor", 1.0), ("bias_update_rate", 0.0)) if getattr(moe, name) != ok}
+            ("routed_scaling_factor", 1.0), ("has_selection_bias", False)) if getattr(moe, name) != ok}
         if moe.train_capacity_factor > 0 or moe.eval_capacity_factor > 0:
             wrong["capacity factors"] = (moe.train_capacity_factor, moe.eval_capacity_factor)
         shape = (mc.kind, mc.position, mc.attention, mc.qk_norm, mc.tie_embeddings,
@@ -74,8 +75,7 @@ class Qwen3Moe(Mixtral):
                 "num_key_value_heads": mc.kv_heads, "head_dim": mc.head_size, "num_experts": moe.num_experts,
                 "num_experts_per_tok": moe.k, "norm_topk_prob": moe.renormalize, "decoder_sparse_step": step,
                 "mlp_only_layers": list(range(mc.first_dense_layers)), "hidden_act": "silu",
-                "rms_norm_eps": mc.norm_eps, "rope_parameters": {"rope_type": "default",
-                                                                 "rope_theta": mc.rope_theta},
+                "rms_norm_eps": mc.norm_eps, "rope_parameters": rope_parameters(mc),
                 "attention_bias": False, "use_sliding_window": False, "sliding_window": None,
                 "tie_word_embeddings": False, "attention_dropout": 0.0, "max_position_embeddings": 32768}
 

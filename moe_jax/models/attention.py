@@ -18,7 +18,7 @@ from flax import nnx
 
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.norm import rms_norm
-from moe_jax.models.position import apply_rope
+from moe_jax.models.position import apply_rope, rope_for
 
 NEG_INF = -1e30
 
@@ -40,7 +40,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, KVH, Dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size
         self.num_heads, self.kv_heads, self.head_dim = H, KVH, Dh
-        self.rope_theta = cfg.rope_theta if cfg.position == "rope" else None
+        self.rope = rope_for(cfg, Dh) if cfg.position == "rope" else None
         self.dtype = cfg.activation_dtype
         s = cfg.init_scale
         proj_in = nnx.initializers.variance_scaling(s, "fan_in", "truncated_normal", in_axis=0,
@@ -77,9 +77,9 @@ class Attention(nnx.Module):
         if self.query_norm is not None:
             q = rms_norm(q, self.query_norm[...], self.norm_eps, q.dtype)  # [B, Lq, H, Dh] over Dh
             k = rms_norm(k, self.key_norm[...], self.norm_eps, k.dtype)  # [B, Lk, KVH, Dh] over Dh
-        if self.rope_theta is not None and context is None:
-            q = apply_rope(q, q_pos, self.rope_theta)
-            k = apply_rope(k, q_pos, self.rope_theta)  # self-attention: keys sit at the queries' positions
+        if self.rope is not None and context is None:
+            q = apply_rope(q, q_pos, self.rope)
+            k = apply_rope(k, q_pos, self.rope)  # self-attention: keys sit at the queries' positions
         if cache is not None:
             # [B, M, KVH, Dh] <- [B, Lq, KVH, Dh] at positions cache_index ... cache_index + Lq - 1
             k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index,

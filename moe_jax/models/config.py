@@ -22,6 +22,9 @@ POSITIONS = ("relative", "rope")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REMAT_POLICIES = ("none", "minimal", "full")  # see models.blocks.remat_policy
 ATTENTIONS = ("mha", "mla")  # multi-head (grouped-query) attention; multi-head latent (models.mla)
+ROPE_SCALINGS = ("none", "yarn")  # models.position: plain RoPE, or YaRN's context extension
+YARN_DEFAULTS = {"yarn_factor": 1.0, "yarn_original_length": 4096, "yarn_beta_fast": 32.0,
+                 "yarn_beta_slow": 1.0, "yarn_mscale": 0.0, "yarn_mscale_all_dim": 0.0, "yarn_truncate": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +49,16 @@ class ModelConfig:
     relative_buckets: int = 32
     relative_max_distance: int = 128
     rope_theta: float = 10000.0
+    # YaRN (Peng et al. 2023; models.position) with rope_scaling='yarn': the context
+    # yarn_original_length stretched yarn_factor times; 0 for an mscale means "not given".
+    rope_scaling: str = "none"
+    yarn_factor: float = 1.0
+    yarn_original_length: int = 4096
+    yarn_beta_fast: float = 32.0
+    yarn_beta_slow: float = 1.0
+    yarn_mscale: float = 0.0
+    yarn_mscale_all_dim: float = 0.0
+    yarn_truncate: bool = True
     qk_norm: bool = False  # Qwen3: RMSNorm over Dh of each head's query and key (models/attention.py)
     tie_embeddings: bool = False  # T5: tied (logits scaled by d_model^-0.5); T5.1.1: untied
     dropout_rate: float = 0.0
@@ -71,7 +84,8 @@ class ModelConfig:
             raise ValueError(f"model.{field}{'' if message.startswith('=') else ' '}{message}")
 
         for field, allowed in (("kind", KINDS), ("position", POSITIONS), ("activation", ACTIVATIONS),
-                               ("dtype", DTYPES), ("remat", REMAT_POLICIES), ("attention", ATTENTIONS)):
+                               ("dtype", DTYPES), ("remat", REMAT_POLICIES), ("attention", ATTENTIONS),
+                               ("rope_scaling", ROPE_SCALINGS)):
             validation.choice("model", field, getattr(self, field), allowed)
         for field in ("vocab_size", "d_model", "num_heads", "d_ff", "num_decoder_layers", "relative_buckets",
                       "relative_max_distance"):
@@ -91,6 +105,7 @@ class ModelConfig:
             fail("num_kv_heads", f"={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
         if self.position == "rope" and self.head_size % 2:
             fail("head_dim", f"must be even for rotary embeddings, got {self.head_size}")
+        self._check_yarn(fail)
         if self.attention == "mla":
             self._check_mla(fail)
         if self.first_dense_layers:
@@ -119,6 +134,25 @@ class ModelConfig:
         if self.first_dense_layers >= self.num_decoder_layers:
             fail("first_dense_layers", f"={self.first_dense_layers} must be below model.num_decoder_layers="
                  f"{self.num_decoder_layers}: it counts the dense layers among them")
+
+    def _check_yarn(self, fail):
+        if self.rope_scaling == "none":
+            for field, default in YARN_DEFAULTS.items():
+                if getattr(self, field) != default:
+                    fail(field, f"={getattr(self, field)!r} applies to model.rope_scaling='yarn' only: leave "
+                         f"it at {default!r} or set model.rope_scaling='yarn'")
+            return
+        if self.position != "rope":
+            fail("rope_scaling", "='yarn' scales rotary embeddings: it needs model.position='rope'")
+        validation.number("model", "yarn_factor", self.yarn_factor, above=0)
+        validation.integer("model", "yarn_original_length", self.yarn_original_length, 1)
+        for field in ("yarn_beta_fast", "yarn_beta_slow"):
+            validation.number("model", field, getattr(self, field), above=0)
+        for field in ("yarn_mscale", "yarn_mscale_all_dim"):
+            if validation.number("model", field, getattr(self, field)) < 0:
+                fail(field, f"must be >= 0 (0: not given), got {getattr(self, field)}")
+        if not isinstance(self.yarn_truncate, bool):
+            fail("yarn_truncate", f"must be True or False, got {self.yarn_truncate!r}")
 
     def _check_mla(self, fail):
         if self.kind != "decoder":

@@ -5,11 +5,14 @@ projection when model.q_lora_rank=0, as DeepSeek-V2-Lite). Keys and values share
 vector c [R] per token (RMSNorm'd), up-projected per head to a content key k_nope and a value; a
 single decoupled RoPE key k_rope, shared by every head, carries the position. Each head's query is
 split the same way: RoPE applies to the rope parts only. Logits are scaled by
-1/sqrt(qk_nope_head_dim + qk_rope_head_dim). The decoding cache holds only c and the rotated
+1/sqrt(qk_nope_head_dim + qk_rope_head_dim), times YaRN's m^2 under model.rope_scaling='yarn'
+(position.yarn_logit_scale). The decoding cache holds only c and the rotated
 k_rope. RoPE here is rotate-half (position.apply_rope); checkpoints whose rope features are
 interleaved pairs are permuted when converted.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -18,13 +21,15 @@ from flax import nnx
 from moe_jax.models.attention import NEG_INF
 from moe_jax.models.config import ModelConfig
 from moe_jax.models.norm import rms_norm
-from moe_jax.models.position import apply_rope
+from moe_jax.models.position import apply_rope, rope_for, yarn_logit_scale
+
 
 class LatentAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, H, R, Rq = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.q_lora_rank
         Dn, Dr, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.dims, self.rope_theta, self.eps = (Dn, Dr, Dv), cfg.rope_theta, cfg.norm_eps
+        self.dims, self.rope, self.eps = (Dn, Dr, Dv), rope_for(cfg, Dr), cfg.norm_eps
+        self.logit_scale = yarn_logit_scale(cfg) / math.sqrt(Dn + Dr)
         self.dtype = cfg.activation_dtype
         init = nnx.initializers.variance_scaling(cfg.init_scale, "fan_in", "truncated_normal", in_axis=0,
                                                  out_axis=(1, 2))
@@ -48,7 +53,7 @@ class LatentAttention(nnx.Module):
             x = jnp.einsum("bld,dr->blr", x, self.q_down[...].astype(dt))  # [B, L, Rq]
             x = rms_norm(x, self.q_norm[...], self.eps, dt)
         q = jnp.einsum("blr,rhk->blhk", x, self.query[...].astype(dt))  # [B, L, H, Dn + Dr]
-        return q[..., :Dn], apply_rope(q[..., Dn:], q_pos, self.rope_theta)
+        return q[..., :Dn], apply_rope(q[..., Dn:], q_pos, self.rope)
 
     def __call__(self, x: jax.Array, context: jax.Array | None = None, *, mask: jax.Array,
                  bias: jax.Array | None = None, q_pos: jax.Array | None = None,
@@ -65,7 +70,7 @@ class LatentAttention(nnx.Module):
         q_nope, q_rope = self._queries(x, q_pos)
         kv = jnp.einsum("bld,dr->blr", x, self.kv_down[...].astype(dt))  # [B, L, R + Dr]
         latent = rms_norm(kv[..., :-Dr], self.kv_norm[...], self.eps, dt)  # [B, L, R]
-        k_rope = apply_rope(kv[..., None, -Dr:], q_pos, self.rope_theta)[:, :, 0]  # [B, L, Dr]
+        k_rope = apply_rope(kv[..., None, -Dr:], q_pos, self.rope)[:, :, 0]  # [B, L, Dr]
         if cache is not None:
             # [B, M, R] and [B, M, Dr] <- this call's rows at cache_index ... cache_index + L - 1
             cache = {name: jax.lax.dynamic_update_slice_in_dim(cache[name], new.astype(cache[name].dtype),
@@ -76,7 +81,7 @@ class LatentAttention(nnx.Module):
         k_nope, v = kv[..., :Dn], kv[..., Dn:]
         logits = (jnp.einsum("blhk,bmhk->bhlm", q_nope, k_nope)  # [B, H, L, M]
                   + jnp.einsum("blhk,bmk->bhlm", q_rope, k_rope.astype(dt))).astype(jnp.float32)
-        logits = logits / jnp.sqrt(jnp.float32(Dn + Dr))
+        logits = logits * jnp.float32(self.logit_scale)
         if bias is not None:
             logits = logits + bias.astype(jnp.float32)
         probs = jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1).astype(dt)  # [B, H, L, M]

@@ -5,8 +5,8 @@ auxiliary-loss-free balancing bias (moe.bias_update_rate > 0, or moe.selection_b
 one such as an imported e_score_correction_bias; Wang et al. 2024) and is used for selection only.
 With moe.num_expert_groups > 1 the choice is group-limited: each group of
 E / num_expert_groups experts is scored by the sum of its two highest s + b, and only the
-moe.k_groups best groups may be chosen (masked with -inf, as DeepSeek's reference code does;
-transformers' port fills 0, which differs only when a biased score is negative). The combine
+moe.k_groups best groups may be chosen (masked with -inf, as DeepSeek's reference code and
+transformers 5 do; earlier ports filled 0, which differs only when a biased score is negative). The combine
 weights are the chosen affinities, divided by their sum when moe.renormalize (V3 does), times
 moe.routed_scaling_factor (2.5 in V3). The balancing loss is V3's sequence-wise one,
 (E / (K S)) sum_e count_e * mean_s(s_e / sum_j s_j), per group (a sequence when moe.group_size=0),
