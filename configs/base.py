@@ -95,6 +95,7 @@ def shrink_to_tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     m.vocab_size, m.d_model, m.num_heads, m.head_dim, m.d_ff = 8192, 128, 4, 32, 512
     m.num_kv_heads = min(m.num_kv_heads, 2)
     m.first_dense_layers = min(m.first_dense_layers, 1)
+    m.sliding_window = min(m.sliding_window, 32)  # a band narrower than the tiny sequences
     for stack in ("encoder", "decoder"):
         period = m[f"{stack}_moe_every"]
         prefix = m.first_dense_layers if stack == "decoder" else 0

@@ -19,9 +19,9 @@ ENCODER_ONLY_MOE = {**regime.OVERRIDES, "model.decoder_moe_every": 0}
 DEEPSEEK_V3 = {"moe.router": "sigmoid", "moe.k": 2, "moe.order": "token_major", "moe.renormalize": True,
                "moe.num_expert_groups": 4, "moe.k_groups": 2, "moe.routed_scaling_factor": 2.5,
                "moe.bias_update_rate": 1e-3, "balance_loss_weight": 1e-4}
-# gpt-oss's routing at 8 experts: top-2 (gpt-oss: top-4 of 32 or 128) with softmax over the chosen
-# logits (= renormalised top-k probabilities), dropless.
-GPT_OSS = {"moe.k": 2, "moe.order": "token_major", "moe.renormalize": True,
+# gpt-oss's routing at 8 experts: top-2 (gpt-oss: top-4 of 32 or 128) of logits with a learned bias,
+# softmax over the chosen logits (= renormalised top-k probabilities), dropless.
+GPT_OSS = {"moe.k": 2, "moe.order": "token_major", "moe.renormalize": True, "moe.router_bias": True,
            "moe.train_capacity_factor": 0.0, "moe.eval_capacity_factor": 0.0}
 
 
@@ -61,8 +61,8 @@ Command: `python -m experiments.routers` (results below are what it wrote). The 
 {regime.DESCRIPTION}. `decoder_*`: the 4-layer decoder-only LM with every FFN sparse, 8
 experts, capacity factor 1.25, trained on causal LM; routers that decide per token (`deepseek_v3`:
 sigmoid gating over 4 groups of 2 experts, 2 groups open, top-2, bias balancing; `gpt_oss`:
-softmax over the top-2, dropless). `encoder_*`: the switch_tiny encoder-decoder on span
-corruption with MoE layers in the encoder only; the routers that look at the whole group
+softmax over the top-2 of biased logits, dropless). `encoder_*`: the switch_tiny encoder-decoder
+on span corruption with MoE layers in the encoder only; the routers that look at the whole group
 (expert choice, soft MoE) are allowed there. The two families train on different objectives:
 compare losses within a family only. {steps} steps of 16 sequences, seed 0. Load: max over
 mean of the tokens routed per expert (1.0 is perfect balance; for expert choice and soft MoE

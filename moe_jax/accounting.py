@@ -74,15 +74,18 @@ class ParamGroup:
         return math.prod(self.shape) * self.copies
 
 
-def _ffn_shapes(activation: str, d_model: int, d_ff: int,
-                lead: tuple[int, ...] = ()) -> list[tuple[str, tuple]]:
-    """FeedForward's arrays: wi (two when gated) [..., D, F] and wo [..., F, D]."""
-    wi = [(f"wi/{i}", (*lead, d_model, d_ff)) for i in range(2 if is_gated(activation) else 1)]
-    return [*wi, ("wo", (*lead, d_ff, d_model))]
+def _ffn_shapes(activation: str, d_model: int, d_ff: int, lead: tuple[int, ...] = (),
+                bias: bool = False) -> list[tuple[str, tuple]]:
+    """FeedForward's arrays: wi (two when gated) [..., D, F] and wo [..., F, D], with bias their
+    biases bi [..., F] and bo [..., D]."""
+    n_in = 2 if is_gated(activation) else 1
+    wi = [(f"wi/{i}", (*lead, d_model, d_ff)) for i in range(n_in)]
+    biases = [(f"bi/{i}", (*lead, d_ff)) for i in range(n_in)] + [("bo", (*lead, d_model))] if bias else []
+    return [*wi, ("wo", (*lead, d_ff, d_model)), *biases]
 
 
-def _ffn_params(activation: str, d_model: int, d_ff: int) -> int:
-    return sum(math.prod(shape) for _, shape in _ffn_shapes(activation, d_model, d_ff))
+def _ffn_params(activation: str, d_model: int, d_ff: int, bias: bool = False) -> int:
+    return sum(math.prod(shape) for _, shape in _ffn_shapes(activation, d_model, d_ff, bias=bias))
 
 
 def _attention_shapes(cfg: ModelConfig, self_attention: bool) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -92,6 +95,11 @@ def _attention_shapes(cfg: ModelConfig, self_attention: bool) -> list[tuple[str,
     if not (self_attention and cfg.attention == "mla"):
         out = [("attention", name, shape) for name, shape in (
             ("query", (D, H, Dh)), ("key", (D, KVH, Dh)), ("value", (D, KVH, Dh)), ("out", (H, Dh, D)))]
+        if cfg.attention_bias:  # gpt-oss
+            out += [("attention", "query_bias", (H, Dh)), ("attention", "key_bias", (KVH, Dh)),
+                    ("attention", "value_bias", (KVH, Dh)), ("attention", "out_bias", (D,))]
+        if cfg.attention_sinks:
+            out.append(("attention", "sinks", (H,)))
         return out + ([("norms", "query_norm", (Dh,)), ("norms", "key_norm", (Dh,))] if cfg.qk_norm else [])
     Rq, R = cfg.q_lora_rank, cfg.kv_lora_rank
     Dn, Dr, Dv = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -122,7 +130,7 @@ def _layer_groups(cfg: ModelConfig, prefix: str, lead: tuple[int, ...], copies: 
     E = moe.num_experts
     for name, shape in moe.kind.param_shapes(moe, D).items():
         add("router", f"ffn/router/{name}", shape)
-    for name, shape in _ffn_shapes(moe.activation, D, moe.d_ff, (E,)):
+    for name, shape in _ffn_shapes(moe.activation, D, moe.d_ff, (E,), bias=moe.expert_bias):
         add("experts", f"ffn/experts/{name}", shape)
     if moe.num_shared_experts:
         for name, shape in _ffn_shapes(moe.activation, D, moe.d_ff * moe.num_shared_experts):
@@ -243,8 +251,8 @@ def _stack_flops(cfg: ModelConfig, depth: int, every: int, *, keys: int, cross_k
     moe_layers = depth // every if every else 0
     dense_layers = depth - moe_layers + (moe_layers if cfg.moe_extra_dense_ffn else 0)
     qo = 2 * D * H * Dh  # parameters of a cross-attention's query and output projections
-    projections = sum(math.prod(shape) for category, _, shape in _attention_shapes(cfg, True)
-                      if category == "attention")
+    projections = sum(math.prod(shape) for category, name, shape in _attention_shapes(cfg, True)
+                      if category == "attention" and not name.endswith(("_bias", "sinks")))  # weights
     flops = collections.Counter()
     flops["attention projections"] = depth * 2 * (projections + (qo if cross_keys else 0))
     if cfg.attention == "mla":  # scores over Dn + Dr features, values of Dv
@@ -274,7 +282,8 @@ def account(cfg: ModelConfig, inputs_length: int, targets_length: int) -> Accoun
                               f"{'>= 1' if encdec else '= 0'}, got {inputs_length}, {targets_length}")
     groups = parameter_groups(cfg)
     params = {c: sum(g.size for g in groups if g.category == c) for c in PARAM_CATEGORIES}
-    E, expert = cfg.moe.num_experts, _ffn_params(cfg.moe.activation, cfg.d_model, cfg.moe.d_ff)
+    E = cfg.moe.num_experts
+    expert = _ffn_params(cfg.moe.activation, cfg.d_model, cfg.moe.d_ff, bias=cfg.moe.expert_bias)
     active = {c: float(n) for c, n in params.items()}
     active["experts"] = 0.0
     lengths = {"encoder": inputs_length, "decoder": targets_length}

@@ -2,8 +2,11 @@
 
 Experts hold weights [E, D, F] and [E, F, D] (GShard's layout; the leading axis is the one
 expert parallelism shards). Activations: 'relu', 'gelu', and the gated 'swiglu' / 'geglu'
-(Shazeer 2020, "GLU Variants Improve Transformer"; T5.1.1 uses gated GELU, Mixtral SwiGLU).
-Expert dropout (Switch, fine-tuning) is its own rate, separate from the model's dropout.
+(Shazeer 2020, "GLU Variants Improve Transformer"; T5.1.1 uses gated GELU, Mixtral SwiGLU), and
+gpt-oss's 'clamped_swiglu' (OpenAI 2025): gate g = min(x W0, 7), linear part u = clip(x W1, -7, 7),
+h = (u + 1) * g * sigmoid(1.702 g). `bias=True` adds biases after the input and output matmuls
+(gpt-oss's experts). Expert dropout (Switch, fine-tuning) is its own rate, separate from the
+model's dropout.
 """
 from __future__ import annotations
 
@@ -14,14 +17,23 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
+ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu", "clamped_swiglu")
+GPT_OSS_ALPHA, GPT_OSS_LIMIT = 1.702, 7.0  # clamped_swiglu's sigmoid slope and clamp
 EXPERT_MATMUL = "expert_matmul"  # name of the experts' matmul outputs, which remat 'minimal' keeps
 _ACT: dict[str, Callable[[jax.Array], jax.Array]] = {
     "relu": jax.nn.relu, "gelu": jax.nn.gelu, "swiglu": jax.nn.silu, "geglu": jax.nn.gelu}
 
 
 def is_gated(activation: str) -> bool:
-    return activation in ("swiglu", "geglu")
+    return activation in ("swiglu", "geglu", "clamped_swiglu")
+
+
+def _gated(activation: str, gate: jax.Array, linear: jax.Array) -> jax.Array:
+    """The gated unit of [..., F] gate and linear parts."""
+    if activation == "clamped_swiglu":
+        g = jnp.minimum(gate, GPT_OSS_LIMIT)
+        return (jnp.clip(linear, -GPT_OSS_LIMIT, GPT_OSS_LIMIT) + 1) * g * jax.nn.sigmoid(GPT_OSS_ALPHA * g)
+    return _ACT[activation](gate) * linear
 
 
 def check_activation(activation: str) -> None:
@@ -52,7 +64,7 @@ class FeedForward(nnx.Module):
 
     def __init__(self, d_model: int, d_ff: int, *, num_experts: int | None = None, activation: str = "relu",
                  dropout_rate: float = 0.0, init_scale: float = 1.0, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, bias: bool = False, rngs: nnx.Rngs):
         check_activation(activation)
         self.activation, self.dtype, self.num_experts = activation, dtype, num_experts
         lead = () if num_experts is None else (num_experts,)
@@ -65,6 +77,11 @@ class FeedForward(nnx.Module):
         n_in = 2 if is_gated(activation) else 1
         self.wi = nnx.List([param((d_model, d_ff), ("embed", "mlp")) for _ in range(n_in)])
         self.wo = param((d_ff, d_model), ("mlp", "embed"))
+
+        def zeros(width, name):  # [(E,) width] biases, zero at init
+            return nnx.Param(jnp.zeros(lead + (width,), param_dtype), out_sharding=lead_name + (name,))
+        self.bi = nnx.List([zeros(d_ff, "mlp") for _ in range(n_in)]) if bias else None
+        self.bo = zeros(d_model, "embed") if bias else None
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x: jax.Array, group_sizes: jax.Array | None = None) -> jax.Array:
@@ -73,22 +90,31 @@ class FeedForward(nnx.Module):
             def ragged(a, w):  # [N, D] x [E, D, F] -> [N, F], rows grouped by expert
                 return checkpoint_name(jax.lax.ragged_dot(a, w.astype(self.dtype), group_sizes),
                                        EXPERT_MATMUL)
-            return self._apply(x, ragged)
+            # the expert of each row [N]: rows past the kept ones take the last expert's (unused)
+            expert = jnp.repeat(jnp.arange(self.num_experts), group_sizes, total_repeat_length=x.shape[0])
+            return self._apply(x, ragged, lambda b: b[expert])  # [E, W] -> [N, W]
         if self.num_experts is None:
             # Rows as one [N, D] matrix: with several leading axes XLA:CPU transposes the [B, L, F]
             # activations to form the weight gradients (3x slower with SwiGLU).
             def dense(a, w):  # [N, D] x [D, F] -> [N, F]
                 return jnp.einsum("nd,df->nf", a, w.astype(self.dtype))
-            y = self._apply(x.reshape(-1, x.shape[-1]), dense)  # [..., D] -> [N, D]
+            y = self._apply(x.reshape(-1, x.shape[-1]), dense, lambda b: b)  # [..., D] -> [N, D]
             return y.reshape(*x.shape[:-1], y.shape[-1])
 
         def batched(a, w):  # [E, N, D] x [E, D, F] -> [E, N, F]
             return checkpoint_name(jnp.einsum("end,edf->enf", a, w.astype(self.dtype)), EXPERT_MATMUL)
-        return self._apply(x, batched)
+        return self._apply(x, batched, lambda b: b[:, None])  # [E, W] -> [E, 1, W]
 
-    def _apply(self, x: jax.Array, matmul) -> jax.Array:
-        h = _ACT[self.activation](matmul(x, self.wi[0][...]))  # [..., F]
+    def _apply(self, x: jax.Array, matmul, rows) -> jax.Array:
+        """rows(bias): a bias laid out to add to the matmul outputs."""
+        def project(a, w, b):
+            y = matmul(a, w[...])
+            return y if b is None else y + rows(b[...].astype(self.dtype))
+        bi = [None] * len(self.wi) if self.bi is None else list(self.bi)
+        first = project(x, self.wi[0], bi[0])  # [..., F]
         if is_gated(self.activation):
-            h = h * matmul(x, self.wi[1][...])
+            h = _gated(self.activation, first, project(x, self.wi[1], bi[1]))
+        else:
+            h = _ACT[self.activation](first)
         h = self.dropout(h)
-        return matmul(h, self.wo[...])  # [..., F] -> [..., D]
+        return project(h, self.wo, self.bo)  # [..., F] -> [..., D]

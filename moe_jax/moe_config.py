@@ -55,6 +55,7 @@ class MoEConfig:
     # kept as a variable; bias_update_rate > 0 implies it and nudges it, 0 keeps it fixed (an import).
     selection_bias: bool = False
     routed_scaling_factor: float = 1.0  # multiplies the combine weights (DeepSeek-V2/V3)
+    router_bias: bool = False  # 'top_k': a learned [E] bias on the router logits (gpt-oss)
     num_expert_groups: int = 1  # 'hierarchical': E1 groups of num_experts / E1 experts
     k_groups: int = 1  # 'hierarchical': groups chosen per token
     soft_slots_per_expert: int = 1  # 'soft': slots P per expert
@@ -62,6 +63,7 @@ class MoEConfig:
     dispatch: str = "auto"
     expert_dropout: float = 0.0
     num_shared_experts: int = 0  # DeepSeekMoE always-on experts, each of width d_ff
+    expert_bias: bool = False  # biases on the routed experts' input and output matmuls (gpt-oss)
 
     def __post_init__(self):
         kind = routers.get(self.router)

@@ -49,7 +49,7 @@ class MoELayer(nnx.Module):
         self.dispatch = AUTO_DISPATCH if cfg.dispatch == "auto" else cfg.dispatch
         self.experts = FeedForward(d_model, cfg.d_ff, num_experts=cfg.num_experts, activation=cfg.activation,
                                    dropout_rate=cfg.expert_dropout, init_scale=init_scale, dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+                                   param_dtype=param_dtype, bias=cfg.expert_bias, rngs=rngs)
         self.shared = (FeedForward(d_model, cfg.d_ff * cfg.num_shared_experts, activation=cfg.activation,
                                    init_scale=init_scale, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
                        if cfg.num_shared_experts else None)

@@ -104,6 +104,8 @@ MODEL_CASES = {
     "deepseek_moe:tiny (shared experts)": lambda: configuration.model_config(load("deepseek_moe.py:tiny")),
     "deepseek_v3:tiny (MLA, expert groups, dense prefix)": lambda: configuration.model_config(
         load("deepseek_v3.py:tiny")),
+    "gpt_oss_120b:tiny (sinks, biases, bands, clamped SwiGLU)": lambda: configuration.model_config(
+        load("gpt_oss_120b.py:tiny")),
     "latent attention, query bottleneck": lambda: small(
         kind="decoder", position="rope", attention="mla", q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
         qk_rope_head_dim=2, v_head_dim=6),
@@ -177,7 +179,8 @@ def test_published_sizes():
     Qwen3-30B-A3B: 30.5B parameters, 3.3B active (Qwen3 Technical Report, Yang et al. 2025).
     DeepSeekMoE 16B: 16.4B, 2.8B active (Dai et al. 2024). DeepSeek-V3: 671B, 37B active, without
     its multi-token-prediction module (DeepSeek-AI 2024). Kimi K2: 1.04T, 32.6B active (Kimi Team
-    2025, Table 2).
+    2025, Table 2). gpt-oss-120b: 116.8B, 5.1B active; gpt-oss-20b: 20.9B, 3.6B active (OpenAI 2025,
+    model card; its active counts leave out the input embedding table, which ours include).
     """
     def billions(config):
         return accounting.account_config(config).total_params / 1e9
@@ -210,6 +213,11 @@ def test_published_sizes():
     # MoE layer of 385 experts is 17B. Active: 32.86B, 0.8% over the report's 32.6B.
     assert abs(kimi.total_params / 1.04e12 - 1) < 0.015
     assert abs(kimi.total_active_params / 32.6e9 - 1) < 0.01
+    for name, total, active in (("gpt_oss_120b.py", 116.8, 5.1), ("gpt_oss_20b.py", 20.9, 3.6)):
+        acc = accounting.account_config(load(name))
+        lookup = acc.params["embeddings/logits"] / 2  # the input table; the output projection is active
+        assert round(acc.total_params / 1e9, 1) == total, name
+        assert round((acc.total_active_params - lookup) / 1e9, 1) == active, name
 
 
 XLA_FLOP_CASES = {

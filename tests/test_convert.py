@@ -1,5 +1,5 @@
 """moe_jax.convert against transformers: tiny random-weight T5 v1.0, T5.1.1, Switch, Mixtral,
-Qwen3-MoE and DeepSeek-V3 (with and without a query bottleneck) models saved by transformers with
+Qwen3-MoE, DeepSeek-V3 (with and without a query bottleneck) and gpt-oss models saved by transformers with
 the logits it computed (tests/fixtures/hf, made by tests/fixtures/hf/make_fixtures.py; see its
 docstring to refresh them). No torch needed here.
 
@@ -26,7 +26,8 @@ from moe_jax.convert import hf_io, workdir
 from tests.faults import cli
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "hf")
-NAMES = ("t5_v1_0", "t5_v1_1", "switch", "mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v3_direct_q")
+NAMES = ("t5_v1_0", "t5_v1_1", "switch", "mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v3_direct_q",
+         "gpt_oss")
 # config.json fields whose values change what the model computes, per model_type.
 T5_FIELDS = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
              "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
@@ -52,7 +53,12 @@ MATTERS = {"t5": T5_FIELDS + ("feed_forward_proj",),
                            "n_shared_experts", "n_group", "topk_group", "norm_topk_prob",
                            "routed_scaling_factor", "hidden_act", "rms_norm_eps", "rope_interleave",
                            "rope_parameters", "attention_bias", "tie_word_embeddings", "model_type",
-                           "architectures")}
+                           "architectures"),
+           "gpt_oss": ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                       "num_attention_heads", "num_key_value_heads", "head_dim", "num_local_experts",
+                       "num_experts_per_tok", "sliding_window", "layer_types", "attention_bias",
+                       "rms_norm_eps", "rope_parameters", "swiglu_alpha", "swiglu_limit", "hidden_act",
+                       "tie_word_embeddings", "model_type", "architectures")}
 
 
 def fixture(name):
@@ -131,6 +137,25 @@ def test_configs_state_the_checkpoints_choices(imported):
             v3.moe.routed_scaling_factor, v3.moe.selection_bias, v3.moe.bias_update_rate) == (
         "mla", 16, 1, "sigmoid", 4, 2, 1, 2.5, True, 0.0)
     assert imported["deepseek_v3_direct_q"][0].model.q_lora_rank == 0
+    oss = imported["gpt_oss"][0]
+    assert (oss.model.attention_sinks, oss.model.attention_bias, oss.model.sliding_window,
+            oss.model.full_attention_every, oss.model.rope_scaling, oss.model.yarn_truncate,
+            oss.moe.activation, oss.moe.router_bias, oss.moe.expert_bias, oss.moe.renormalize) == (
+        True, True, 4, 2, "yarn", False, "clamped_swiglu", True, True, True)
+
+
+def test_gpt_oss_window_sinks_and_clamp_matter(imported, tmp_path):
+    """Every layer full instead of alternating, zero sinks, or biases small enough that the clamp
+    at 7 never acts: each moves the logits away from transformers'."""
+    hf = load_file(os.path.join(fixture("gpt_oss"), "model.safetensors"))
+    gate_up = [k for k in hf if k.endswith("gate_up_proj_bias")]
+    assert max(np.abs(hf[k]).max() for k in gate_up) > 7  # the fixture's clamp does act
+    cases = [({"layer_types": ["full_attention"] * 4}, None),
+             ({}, {k: np.zeros_like(v) if k.endswith("sinks") else v for k, v in hf.items()}),
+             ({}, {k: v / 10 if k in gate_up else v for k, v in hf.items()})]
+    for i, (changes, tensors) in enumerate(cases):
+        _, other = convert.from_hf(edited(tmp_path / str(i), "gpt_oss", changes, tensors))
+        assert relative_error(run(other, data("gpt_oss"))[0], data("gpt_oss")["logits"]) > 1e-3, i
 
 
 def test_deepseek_selection_bias_and_interleaved_rope_matter(imported, tmp_path):
@@ -244,6 +269,9 @@ def test_bad_input_is_refused_with_the_field_named(tmp_path):
          r"quantization_config='fp8' is not supported: .*dequantize"),
         (edited(tmp_path / "k", "deepseek_v3", {"num_key_value_heads": 2}), r"num_key_value_heads=2"),
         (edited(tmp_path / "e", "deepseek_v3", {"rms_norm_eps": 1e-5}), r"rms_norm_eps=1e-05"),
+        (edited(tmp_path, "gpt_oss", {"swiglu_limit": 5.0}), r"swiglu_limit=5.0 is not supported"),
+        (edited(tmp_path / "t", "gpt_oss", {"layer_types": ["full_attention", "sliding_attention"] * 2}),
+         r"layer_types=.* is not supported"),
         (edited(tmp_path / "y", "deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 4.0}}),
          r"rope_type='linear' is not supported"),
         (edited(tmp_path / "z", "deepseek_v3", {"rope_parameters": None, "rope_scaling": {  # 4.x's form

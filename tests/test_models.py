@@ -47,6 +47,9 @@ KINDS = [
     dict(kind="encoder_decoder", position="rope", moe_extra_dense_ffn=True, num_kv_heads=0),
     dict(kind="decoder", position="rope", qk_norm=True),
     dict(kind="decoder", position="rope", first_dense_layers=2, decoder_moe_every=1),
+    dict(kind="decoder", position="rope", decoder_moe_every=1, attention_bias=True, attention_sinks=True,
+         sliding_window=3, full_attention_every=2,  # gpt-oss
+         moe=dict(activation="clamped_swiglu", router_bias=True, expert_bias=True, renormalize=True)),
 ]
 
 
@@ -343,3 +346,21 @@ def test_yarn_keeps_fast_pairs_and_stretches_slow_ones():
     np.testing.assert_allclose(ratio[turns < 0.5], 1 / 8, rtol=1e-6)
     assert 0.1 < ratio[(turns > 2) & (turns < 20)].min() < ratio[(turns > 2) & (turns < 20)].max() < 1
     assert plain.scale == 1.0 and yarn.scale == pytest.approx(0.1 * np.log(8) + 1)
+
+
+@pytest.mark.parametrize("full_every", [0, 4])
+def test_banded_layers_see_only_their_window(full_every):
+    """model.sliding_window=2 over 4 layers: a token reaches at most 4 positions ahead, unless a
+    full-attention layer (the 4th, with full_attention_every=4) carries it the whole way."""
+    cfg = tiny(position="rope", decoder_moe_every=1, sliding_window=2, full_attention_every=full_every,
+               moe=dict(train_capacity_factor=0.0, eval_capacity_factor=0.0))
+    model = build_model(cfg, rngs=nnx.Rngs(0))
+    model.eval()
+    x = tokens()
+    changed = x.at[:, 0].set(x[:, 0] % (V - 1) + 1)  # a different first token
+    moved = np.abs(np.asarray(jit_call(model, x)[0] - jit_call(model, changed)[0])).max(axis=(0, 2))  # [L]
+    assert moved[4] > 1e-4
+    if full_every:
+        assert (moved[5:] > 1e-4).all()
+    else:
+        np.testing.assert_array_equal(moved[5:], 0.0)

@@ -1,5 +1,5 @@
-"""Hugging Face checkpoints in and out: T5 (v1.0 and 1.1), Switch Transformers, Mixtral, Qwen3-MoE
-and DeepSeek-V3.
+"""Hugging Face checkpoints in and out: T5 (v1.0 and 1.1), Switch Transformers, Mixtral, Qwen3-MoE,
+DeepSeek-V3 and gpt-oss.
 
     config, model = moe_jax.convert.from_hf("path/to/hf_dir")   # eval mode, imported weights
     logits, aux = model(encoder_ids, decoder_ids)                # or model(ids), decoder-only
@@ -9,7 +9,7 @@ and DeepSeek-V3.
 model and routing field stated; `model` is what moe_jax.models builds from it. Weights are read and
 written with safetensors' numpy API (no torch), single-file or sharded. Each family's module says
 how transformers' semantics are matched exactly, or refused with the reason: t5.py, switch.py,
-mixtral.py, qwen3_moe.py, deepseek_v3.py. `python -m moe_jax.convert import|export` moves
+mixtral.py, qwen3_moe.py, deepseek_v3.py, gpt_oss.py. `python -m moe_jax.convert import|export` moves
 checkpoints between an HF directory and a moe_jax workdir (workdir.py). The weights are the
 parameters plus DeepSeek-V3's selection bias (a non-trained variable, router.BalanceBias).
 """
@@ -26,6 +26,7 @@ from flax import nnx
 from moe_jax import configuration
 from moe_jax.convert import hf_io, mapping
 from moe_jax.convert.deepseek_v3 import DeepseekV3
+from moe_jax.convert.gpt_oss import GptOss
 from moe_jax.convert.hf_io import ConversionError
 from moe_jax.convert.mixtral import Mixtral
 from moe_jax.convert.qwen3_moe import Qwen3Moe
@@ -34,7 +35,7 @@ from moe_jax.convert.t5 import T5
 from moe_jax.models import build_model
 from moe_jax.router import BalanceBias
 
-FAMILIES = {name: family for family in (T5(), Switch(), Mixtral(), Qwen3Moe(), DeepseekV3())
+FAMILIES = {name: family for family in (T5(), Switch(), Mixtral(), Qwen3Moe(), DeepseekV3(), GptOss())
             for name in family.model_types}
 WEIGHTS = (nnx.Param, BalanceBias)  # what a checkpoint holds: the parameters and the selection bias
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
@@ -56,10 +57,12 @@ def hf_family(hf: dict, source: str):
 
 def model_family(mc):
     """The HF architecture a ModelConfig exports to: DeepSeek-V3 (decoder with latent attention or
-    sigmoid routing), Qwen3-MoE (decoder with qk_norm), Mixtral (decoder), Switch (sparse), T5
-    (dense)."""
+    sigmoid routing), gpt-oss (decoder with attention sinks or clamped SwiGLU experts), Qwen3-MoE
+    (decoder with qk_norm), Mixtral (decoder), Switch (sparse), T5 (dense)."""
     if mc.kind == "decoder" and (mc.attention == "mla" or mc.moe.router == "sigmoid"):
         return FAMILIES["deepseek_v3"]
+    if mc.kind == "decoder" and (mc.attention_sinks or mc.moe.activation == "clamped_swiglu"):
+        return FAMILIES["gpt_oss"]
     if mc.kind == "decoder":
         return FAMILIES["qwen3_moe" if mc.qk_norm else "mixtral"]
     if mc.qk_norm:

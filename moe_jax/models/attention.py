@@ -9,6 +9,11 @@ model.qk_norm (Qwen3, Yang et al. 2025): each head's query and key are RMS-norma
 float32 inside, with one learned [Dh] scale for all query heads and one for all key heads, before
 RoPE. It applies wherever this module runs, self- and cross-attention alike (the keys of a
 cross-attention are normalised as its queries are); Qwen3 itself is decoder-only.
+
+gpt-oss (OpenAI 2025, "gpt-oss-120b & gpt-oss-20b Model Card"): model.attention_bias adds biases
+to the four projections; model.attention_sinks gives each head a learned logit that joins every
+query's softmax as one more key with no value, so a head can attend to nothing (Xiao et al.
+2023's attention sinks, learned). Banded layers get their mask from the caller (models.blocks).
 """
 from __future__ import annotations
 
@@ -53,6 +58,15 @@ class Attention(nnx.Module):
         self.out = nnx.Param(proj_out(rngs.params(), (H, Dh, D)), out_sharding=("heads", "kv", "embed"))
         self.norm_eps = cfg.norm_eps
 
+        def zeros(shape, names):  # biases and sinks start at 0
+            return nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=names)
+        bias = cfg.attention_bias
+        self.query_bias = zeros((H, Dh), ("heads", "kv")) if bias else None
+        self.key_bias = zeros((KVH, Dh), ("kv_heads", "kv")) if bias else None
+        self.value_bias = zeros((KVH, Dh), ("kv_heads", "kv")) if bias else None
+        self.out_bias = zeros((D,), ("embed",)) if bias else None
+        self.sinks = zeros((H,), ("heads",)) if cfg.attention_sinks else None
+
         def head_scale():  # [Dh] of ones, qk_norm only
             return nnx.Param(jnp.ones((Dh,), jnp.float32), out_sharding=("kv",)) if cfg.qk_norm else None
         self.query_norm, self.key_norm = head_scale(), head_scale()
@@ -74,6 +88,9 @@ class Attention(nnx.Module):
         q = jnp.einsum("bld,dhk->blhk", x, self.query[...].astype(dt))  # [B, Lq, H, Dh]
         k = jnp.einsum("bmd,dhk->bmhk", source, self.key[...].astype(dt))  # [B, Lk, KVH, Dh]
         v = jnp.einsum("bmd,dhk->bmhk", source, self.value[...].astype(dt))  # [B, Lk, KVH, Dh]
+        if self.query_bias is not None:
+            q, k, v = (a + b[...].astype(dt) for a, b in ((q, self.query_bias), (k, self.key_bias),
+                                                         (v, self.value_bias)))
         if self.query_norm is not None:
             q = rms_norm(q, self.query_norm[...], self.norm_eps, q.dtype)  # [B, Lq, H, Dh] over Dh
             k = rms_norm(k, self.key_norm[...], self.norm_eps, k.dtype)  # [B, Lk, KVH, Dh] over Dh
@@ -95,6 +112,16 @@ class Attention(nnx.Module):
         if bias is not None:
             logits = logits + bias.reshape(B, self.kv_heads, group, Lq, -1).astype(jnp.float32)
         logits = jnp.where(mask[:, :, None], logits, NEG_INF)  # [B, 1, 1, Lq, Lk] broadcast
-        probs = jax.nn.softmax(logits, axis=-1).astype(dt)
+        probs = self._softmax(logits).astype(dt)
         y = jnp.einsum("bhglm,bmhk->blhgk", probs, v.astype(dt)).reshape(B, Lq, self.num_heads, self.head_dim)
-        return jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt)), cache  # [B, Lq, D]
+        y = jnp.einsum("blhk,hkd->bld", y, self.out[...].astype(dt))  # [B, Lq, D]
+        return (y if self.out_bias is None else y + self.out_bias[...].astype(dt)), cache
+
+    def _softmax(self, logits: jax.Array) -> jax.Array:
+        """float32 [B, KVH, G, Lq, Lk] -> probabilities over Lk; with sinks, each head's sink logit
+        takes its share of the denominator and is dropped."""
+        if self.sinks is None:
+            return jax.nn.softmax(logits, axis=-1)
+        B, KVH, G, Lq, _ = logits.shape
+        sink = jnp.broadcast_to(self.sinks[...].reshape(1, KVH, G, 1, 1), (B, KVH, G, Lq, 1))
+        return jax.nn.softmax(jnp.concatenate([logits, sink], axis=-1), axis=-1)[..., :-1]  # [.., Lk + 1]

@@ -4,6 +4,8 @@ A layer: x += attention(norm(x)); [x += cross_attention(norm(x), encoded)]; x +=
 where ffn is the dense FFN or the MoE layer, and ST-MoE (Zoph et al. 2022) adds a dense FFN right
 after each sparse one. A unit is `moe_every` layers whose last FFN is sparse; a stack scans one
 unit over its depth (jax.lax.scan through nnx.scan), so compile time does not grow with depth.
+Which layers attend to a band only (model.sliding_window, gpt-oss's alternation) is data the
+scan carries per layer, so banded and full layers still share one unit.
 """
 from __future__ import annotations
 
@@ -66,8 +68,11 @@ class Layer(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
     def __call__(self, x, *, mask, bias, positions, encoded=None, cross_mask=None, cache=None,
-                 cache_index=None, dropless=False):
-        """x [B, L, D] -> (x [B, L, D], MoEAux or None, cache or None)."""
+                 cache_index=None, dropless=False, band_mask=None, windowed=None):
+        """x [B, L, D] -> (x [B, L, D], MoEAux or None, cache or None). band_mask bool [B, 1, L, M]
+        replaces mask where windowed (a bool scalar) holds."""
+        if band_mask is not None:
+            mask = jnp.where(windowed, band_mask, mask)
         h, cache = self.attn(self.attn_norm(x), mask=mask, bias=bias, q_pos=positions, cache=cache,
                              cache_index=cache_index)
         x = x + self.dropout(h)
@@ -95,11 +100,13 @@ class Unit(nnx.Module):
                                       rngs=rngs)
                                 for i in range(size)])
 
-    def __call__(self, x, caches, **kwargs):
-        """caches: None, or one cache dict per layer. Returns (x, MoEAux or None, caches)."""
+    def __call__(self, x, caches, windowed, **kwargs):
+        """caches: None, or one cache dict per layer; windowed bool [period]: banded layers.
+        Returns (x, MoEAux or None, caches)."""
         aux, new_caches = None, []
         for i, layer in enumerate(self.layers):
-            x, layer_aux, cache = layer(x, cache=None if caches is None else caches[i], **kwargs)
+            x, layer_aux, cache = layer(x, cache=None if caches is None else caches[i], windowed=windowed[i],
+                                        **kwargs)
             aux = layer_aux if layer_aux is not None else aux
             new_caches.append(cache)
         return x, aux, None if caches is None else new_caches
@@ -110,9 +117,13 @@ class Stack(nnx.Module):
     another stack follows it: a decoder's dense prefix)."""
 
     def __init__(self, cfg: ModelConfig, depth: int, period: int, *, causal: bool, cross: bool,
-                 rngs: nnx.Rngs, final_norm: bool = True):
+                 rngs: nnx.Rngs, final_norm: bool = True, first_layer: int = 0):
         self.num_units = depth // max(period, 1)
         self.scan, self.remat = cfg.scan_layers, cfg.remat
+        size = max(period, 1)
+        # bool [U, period]: which layers attend to a band (first_layer: the stack's first layer's index)
+        self.windowed = tuple(tuple(cfg.windowed(first_layer + u * size + j) for j in range(size))
+                              for u in range(self.num_units))
 
         def make_unit(rngs):
             return Unit(cfg, period, causal=causal, cross=cross, rngs=rngs)
@@ -131,23 +142,25 @@ class Stack(nnx.Module):
 
         Returns (y [B, L, D], MoEAux with a leading [U] axis or None, caches).
         """
-        def run(unit, x, caches):
-            return unit(x, caches, **kwargs)
+        def run(unit, x, caches, windowed):
+            return unit(x, caches, windowed, **kwargs)
 
         if self.remat != "none":
             # prevent_cse only matters outside a scan (JAX's advice for scanned remat).
             run = nnx.remat(run, policy=remat_policy(self.remat), prevent_cse=not self.scan)
+        windowed = jnp.asarray(self.windowed, bool)  # [U, period]
         if self.scan:
-            @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
-            def step(x, unit, caches):
-                x, aux, caches = run(unit, x, caches)
+            @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0))
+            def step(x, unit, caches, windowed):
+                x, aux, caches = run(unit, x, caches, windowed)
                 return x, (aux, caches)
 
-            x, (aux, caches) = step(x, self.units, caches)
+            x, (aux, caches) = step(x, self.units, caches, windowed)
         else:
             auxes, unit_caches = [], []
             for u, unit in enumerate(self.units):
-                x, aux, cache = run(unit, x, None if caches is None else jax.tree.map(lambda c: c[u], caches))
+                x, aux, cache = run(unit, x, None if caches is None else jax.tree.map(lambda c: c[u], caches),
+                                    windowed[u])
                 auxes.append(aux)
                 unit_caches.append(cache)
             aux = None if auxes[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *auxes)

@@ -60,6 +60,13 @@ class ModelConfig:
     yarn_mscale_all_dim: float = 0.0
     yarn_truncate: bool = True
     qk_norm: bool = False  # Qwen3: RMSNorm over Dh of each head's query and key (models/attention.py)
+    # gpt-oss (OpenAI 2025): biases on the q/k/v/o projections; a learned per-head sink logit in
+    # each softmax's denominator; banded attention over the last sliding_window positions (0: none)
+    # in every layer but each full_attention_every-th (0: every layer banded; gpt-oss: 2).
+    attention_bias: bool = False
+    attention_sinks: bool = False
+    sliding_window: int = 0
+    full_attention_every: int = 0
     tie_embeddings: bool = False  # T5: tied (logits scaled by d_model^-0.5); T5.1.1: untied
     dropout_rate: float = 0.0
     norm_eps: float = 1e-6
@@ -106,6 +113,7 @@ class ModelConfig:
         if self.position == "rope" and self.head_size % 2:
             fail("head_dim", f"must be even for rotary embeddings, got {self.head_size}")
         self._check_yarn(fail)
+        self._check_gpt_oss_attention(fail)
         if self.attention == "mla":
             self._check_mla(fail)
         if self.first_dense_layers:
@@ -134,6 +142,25 @@ class ModelConfig:
         if self.first_dense_layers >= self.num_decoder_layers:
             fail("first_dense_layers", f"={self.first_dense_layers} must be below model.num_decoder_layers="
                  f"{self.num_decoder_layers}: it counts the dense layers among them")
+
+    def _check_gpt_oss_attention(self, fail):
+        for field in ("attention_bias", "attention_sinks"):
+            if not isinstance(getattr(self, field), bool):
+                fail(field, f"must be True or False, got {getattr(self, field)!r}")
+        for field in ("sliding_window", "full_attention_every"):
+            validation.integer("model", field, getattr(self, field), 0)
+        if self.full_attention_every and not self.sliding_window:
+            fail("full_attention_every", f"={self.full_attention_every} spaces the full-attention layers "
+                 "among banded ones: set model.sliding_window > 0, or leave it at 0")
+        used = [f for f in ("attention_bias", "attention_sinks", "sliding_window") if getattr(self, f)]
+        if used and (self.kind != "decoder" or self.attention != "mha"):
+            fail(used[0], f"applies to decoder-only multi-head attention (model.kind='decoder', "
+                 f"model.attention='mha'), got kind={self.kind!r}, attention={self.attention!r}")
+
+    def windowed(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (counting the dense prefix) attends to a band only."""
+        every = self.full_attention_every
+        return bool(self.sliding_window) and not (every and (layer + 1) % every == 0)
 
     def _check_yarn(self, fail):
         if self.rope_scaling == "none":

@@ -74,7 +74,7 @@ class DecoderOnly(nnx.Module):
         self.dense_prefix = (Stack(cfg, prefix, 0, causal=True, cross=False, rngs=rngs, final_norm=False)
                              if prefix else None)
         self.decoder = Stack(cfg, cfg.num_decoder_layers - prefix, cfg.decoder_moe_every, causal=True,
-                             cross=False, rngs=rngs)
+                             cross=False, rngs=rngs, first_layer=prefix)
 
     def _stacks(self, x, caches, **kwargs):
         """The dense prefix (if any), then the decoder stack: (x, decoder MoEAux, caches)."""
@@ -87,6 +87,12 @@ class DecoderOnly(nnx.Module):
     def _bias(self, q_pos, k_pos):
         return None if self.position_bias is None else self.position_bias(q_pos, k_pos)
 
+    def _band(self, mask, q_pos, k_pos):
+        """mask bool [B, 1, Lq, Lk] narrowed to keys fewer than model.sliding_window positions back,
+        or None without banded layers."""
+        window = self.cfg.sliding_window
+        return mask & (q_pos[:, None, :, None] - k_pos[:, None, None, :] < window) if window else None
+
     def __call__(self, tokens, *, segment_ids=None, positions=None, dropless=False):
         """tokens int [B, L] -> (logits float32 [B, L, V], aux)."""
         pos = _positions(tokens, positions)
@@ -94,7 +100,7 @@ class DecoderOnly(nnx.Module):
         mask = make_mask(seg, seg, causal=True, q_pos=pos, k_pos=pos)
         x = self.dropout(self.embed(tokens))
         x, aux, _ = self._stacks(x, None, mask=mask, bias=self._bias(pos, pos), positions=pos,
-                                 dropless=dropless)
+                                 dropless=dropless, band_mask=self._band(mask, pos, pos))
         return self.embed.logits(x), {**mean_aux([aux]), "moe": {"decoder": aux}}
 
     def init_cache(self, batch: int, max_len: int) -> dict[str, list[dict]]:
@@ -115,7 +121,7 @@ class DecoderOnly(nnx.Module):
                          k_pos=k_pos)
         x = self.embed(tokens)
         x, _, cache = self._stacks(x, cache, mask=mask, bias=self._bias(q_pos, k_pos), positions=q_pos,
-                                   cache_index=index, dropless=True)
+                                   cache_index=index, dropless=True, band_mask=self._band(mask, q_pos, k_pos))
         return self.embed.logits(x), cache
 
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 # other than its default. Options outside this list (experts, capacity, groups, jitter) are common.
 ROUTER_OPTIONS = ("k", "order", "batch_prioritized", "renormalize", "second_choice", "router_dtype",
                   "router_init_scale", "bias_update_rate", "selection_bias", "routed_scaling_factor",
-                  "num_expert_groups", "k_groups", "soft_slots_per_expert")
+                  "num_expert_groups", "k_groups", "soft_slots_per_expert", "router_bias")
 # Read by every router whose choices fill expert buffers token by token.
 TOKEN_ORDER = ("k", "order", "batch_prioritized")
 KERNEL = ("router_dtype", "router_init_scale")  # read by routers with a [D, E] logits kernel
@@ -52,11 +52,16 @@ def logits(cfg: MoEConfig, x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def fan_in_params(cfg: MoEConfig, shapes: dict[str, tuple[int, ...]], rngs: nnx.Rngs) -> dict[str, nnx.Param]:
-    """[D, ...] kernels drawn in order: truncated normal, std sqrt(moe.router_init_scale / D) (Switch)."""
+    """[D, ...] kernels drawn in order: truncated normal, std sqrt(moe.router_init_scale / D) (Switch);
+    one-axis [E] biases start at 0."""
     init = fan_in_init(cfg.router_init_scale)
-    return {name: nnx.Param(init(rngs.params(), shape, jnp.float32),
-                            out_sharding=("embed",) + (None,) * (len(shape) - 1))
-            for name, shape in shapes.items()}
+
+    def param(shape):
+        if len(shape) == 1:
+            return nnx.Param(jnp.zeros(shape, jnp.float32), out_sharding=(None,))
+        return nnx.Param(init(rngs.params(), shape, jnp.float32),
+                         out_sharding=("embed",) + (None,) * (len(shape) - 1))
+    return {name: param(shape) for name, shape in shapes.items()}
 
 
 class RouterKind:
@@ -96,8 +101,10 @@ class RouterKind:
         return fan_in_params(cfg, self.param_shapes(cfg, d_model), rngs)
 
     def flops_per_token(self, cfg: MoEConfig, d_model: int) -> float:
-        """Forward FLOPs per token: a multiply and an add per kernel weight."""
-        return float(sum(2 * math.prod(shape) for shape in self.param_shapes(cfg, d_model).values()))
+        """Forward FLOPs per token: a multiply and an add per kernel weight (biases' adds uncounted,
+        as everywhere in the accounting)."""
+        return float(sum(2 * math.prod(shape) for shape in self.param_shapes(cfg, d_model).values()
+                         if len(shape) > 1))
 
     def route(self, router: Any, x: jax.Array, *, capacity: int | None, train: bool):
         """x float32 [G, S, D] -> a routing decision. `router` is the moe_jax.router.Router module:

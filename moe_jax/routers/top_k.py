@@ -1,6 +1,8 @@
 """Token-choice top-k routing: Switch (k=1, Fedus et al. 2021), GShard (k=2, Lepikhin et al. 2020),
 Mixtral (k=2 of 8, renormalized; Jiang et al. 2024), with GShard's random second choice and
-DeepSeek-V3's auxiliary-loss-free selection bias (Wang et al. 2024) as options."""
+DeepSeek-V3's auxiliary-loss-free selection bias (Wang et al. 2024) and gpt-oss's learned logit
+bias (moe.router_bias; OpenAI 2025: top-4, renormalized, which is the softmax over the chosen
+logits) as options."""
 from __future__ import annotations
 
 from moe_jax import routing
@@ -11,7 +13,11 @@ class TopK(base.RouterKind):
     name = "top_k"
     paper = "Switch (Fedus et al. 2021), GShard (Lepikhin et al. 2020), Mixtral (Jiang et al. 2024)"
     reads = base.TOKEN_ORDER + base.KERNEL + base.BALANCE_BIAS + ("renormalize", "second_choice",
-                                                                  "routed_scaling_factor")
+                                                                  "routed_scaling_factor", "router_bias")
+
+    def param_shapes(self, cfg, d_model):
+        bias = {"bias": (cfg.num_experts,)} if cfg.router_bias else {}
+        return {**super().param_shapes(cfg, d_model), **bias}
 
     def validate(self, cfg) -> None:
         super().validate(cfg)
@@ -21,8 +27,11 @@ class TopK(base.RouterKind):
     def route(self, router, x, *, capacity, train):
         cfg = router.cfg
         random_second = train and cfg.second_choice == "random"  # evaluation dispatches every choice
+        logits = base.logits(cfg, x, router.kernel[...])  # [G, S, E]
+        if cfg.router_bias:
+            logits = logits + router.bias[...].astype(logits.dtype)
         return routing.tokens_choose(
-            base.logits(cfg, x, router.kernel[...]), k=cfg.k, capacity=capacity, renormalize=cfg.renormalize,
+            logits, k=cfg.k, capacity=capacity, renormalize=cfg.renormalize,
             order=cfg.order, batch_prioritized=cfg.batch_prioritized,
             second_choice="random" if random_second else "all", choice_bias=router.choice_bias(),
             rng=router.rng() if random_second else None, weight_scale=cfg.routed_scaling_factor)

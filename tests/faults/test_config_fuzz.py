@@ -167,11 +167,11 @@ def test_every_experiment_config_passes_untouched():
 NON_DEFAULT = {"k": "2", "order": "token_major", "batch_prioritized": "true", "renormalize": "true",
                "second_choice": "random", "router_dtype": "bfloat16", "router_init_scale": "1.0",
                "bias_update_rate": "0.01", "routed_scaling_factor": "2.5", "num_expert_groups": "2",
-               "k_groups": "2", "soft_slots_per_expert": "2", "selection_bias": "true"}
+               "k_groups": "2", "soft_slots_per_expert": "2", "selection_bias": "true", "router_bias": "true"}
 READ_VALUES = {"renormalize": ["true", "false"], "router_dtype": ["float32", "bfloat16"],
                "router_init_scale": ["0.1", "1.0"], "bias_update_rate": ["0.0", "0.01"],
                "routed_scaling_factor": ["1.0", "2.5"], "soft_slots_per_expert": ["1", "2"],
-               "selection_bias": ["false", "true"]}
+               "selection_bias": ["false", "true"], "router_bias": ["false", "true"]}
 ROUTER_KS = [(name, k) for name in routers.NAMES
              for k in ((1, 2, 4) if "k" in routers.get(name).reads else (1,))]
 
