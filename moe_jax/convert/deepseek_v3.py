@@ -26,7 +26,7 @@ import numpy as np
 from moe_jax.convert import mapping
 from moe_jax.convert.hf_io import ConversionError, field, refuse
 from moe_jax.convert.mapping import Rule
-from moe_jax.convert.mixtral import FUSED, Mixtral, fused_gate_up, layer_targets, transposed
+from moe_jax.convert.mixtral import Mixtral, expert_rules, layer_targets, swiglu_rules
 from moe_jax.convert.rope import rope_fields, rope_parameters
 
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, which q_a_layernorm and kv_a_layernorm keep
@@ -153,21 +153,14 @@ class DeepseekV3(Mixtral):
             mapping.copy(f"{hf}.input_layernorm.weight", at("attn_norm", "scale")),
             mapping.copy(f"{hf}.post_attention_layernorm.weight", at("ffn_norm", "scale"))]
         if not mapping.layer_slot(mc, i)[2]:  # a dense layer: DeepseekV3MLP of width intermediate_size
-            return rules + _swiglu(f"{hf}.mlp", lambda *p: at("ffn", *p))
+            return rules + swiglu_rules(f"{hf}.mlp", lambda *p: at("ffn", *p))
         rules += [mapping.linear(f"{hf}.mlp.gate.weight", at("ffn", "router", "kernel"))]
         if mc.moe.has_selection_bias:
             rules.append(mapping.copy(f"{hf}.mlp.gate.e_score_correction_bias",
                                       at("ffn", "router", "balance_bias")))
         if mc.moe.num_shared_experts:
-            rules += _swiglu(f"{hf}.mlp.shared_experts", lambda *p: at("ffn", "shared", *p))
-        if fused:
-            return rules + [fused_gate_up(FUSED.format(i=i), at("ffn", "experts", "wi", 0),
-                                          at("ffn", "experts", "wi", 1)),
-                            transposed(f"{hf}.mlp.experts.down_proj", at("ffn", "experts", "wo"))]
-        names = [f"{hf}.mlp.experts.{e}" for e in range(mc.moe.num_experts)]
-        return rules + [mapping.experts([f"{n}.{proj}.weight" for n in names], at("ffn", "experts", *ours))
-                        for proj, ours in (("gate_proj", ("wi", 0)), ("up_proj", ("wi", 1)),
-                                           ("down_proj", ("wo",)))]
+            rules += swiglu_rules(f"{hf}.mlp.shared_experts", lambda *p: at("ffn", "shared", *p))
+        return rules + expert_rules(mc, i, at, fused)
 
     @staticmethod
     def _attention_rules(mc, hf: str, at) -> list[Rule]:
@@ -184,10 +177,3 @@ class DeepseekV3(Mixtral):
                         mapping.copy(f"{hf}.kv_a_layernorm.weight", at("attn", "kv_norm")),
                         mapping.heads_in(f"{hf}.kv_b_proj.weight", at("attn", "kv_up"), H, Dkv),
                         mapping.heads_out(f"{hf}.o_proj.weight", at("attn", "out"), H, mc.v_head_dim)]
-
-
-def _swiglu(hf: str, at) -> list[Rule]:
-    """A DeepseekV3MLP (gate, up, down) <-> our FeedForward wi[0], wi[1], wo."""
-    return [mapping.linear(f"{hf}.gate_proj.weight", at("wi", 0)),
-            mapping.linear(f"{hf}.up_proj.weight", at("wi", 1)),
-            mapping.linear(f"{hf}.down_proj.weight", at("wo"))]

@@ -57,6 +57,26 @@ def attention_rules(mc, hf: str, at) -> list[Rule]:
             mapping.copy(f"{hf}.post_attention_layernorm.weight", at("ffn_norm", "scale"))]
 
 
+def swiglu_rules(hf: str, at) -> list[Rule]:
+    """A Llama-style gate/up/down MLP at `hf` <-> our FeedForward wi[0], wi[1], wo (at(*path))."""
+    return [mapping.linear(f"{hf}.gate_proj.weight", at("wi", 0)),
+            mapping.linear(f"{hf}.up_proj.weight", at("wi", 1)),
+            mapping.linear(f"{hf}.down_proj.weight", at("wo"))]
+
+
+def expert_rules(mc, i: int, at, fused: bool) -> list[Rule]:
+    """Layer i's routed experts, Qwen3-MoE / DeepSeek-V3 names: per expert
+    (`mlp.experts.{e}.gate_proj|up_proj|down_proj`) or fused (`gate_up_proj`, `down_proj`)."""
+    hf = f"model.layers.{i}.mlp.experts"
+    if fused:
+        return [fused_gate_up(FUSED.format(i=i), at("ffn", "experts", "wi", 0),
+                              at("ffn", "experts", "wi", 1)),
+                transposed(f"{hf}.down_proj", at("ffn", "experts", "wo"))]
+    names = [f"{hf}.{e}" for e in range(mc.moe.num_experts)]
+    return [mapping.experts([f"{n}.{proj}.weight" for n in names], at("ffn", "experts", *ours))
+            for proj, ours in (("gate_proj", ("wi", 0)), ("up_proj", ("wi", 1)), ("down_proj", ("wo",)))]
+
+
 class Mixtral:
     model_types = ("mixtral",)
     architecture = "MixtralForCausalLM"

@@ -18,8 +18,7 @@ from moe_jax.convert import mapping
 from moe_jax.convert.hf_io import ConversionError, field, refuse
 from moe_jax.convert.mapping import Rule
 from moe_jax.convert.rope import rope_parameters
-from moe_jax.convert.mixtral import (FUSED, Mixtral, attention_rules, fused_gate_up, layer_targets,
-                                     transposed)
+from moe_jax.convert.mixtral import Mixtral, attention_rules, expert_rules, layer_targets, swiglu_rules
 
 
 def _num_experts(hf: dict) -> int:
@@ -85,17 +84,6 @@ class Qwen3Moe(Mixtral):
             mapping.copy(f"{hf}.self_attn.q_norm.weight", at("attn", "query_norm")),
             mapping.copy(f"{hf}.self_attn.k_norm.weight", at("attn", "key_norm"))]
         if not mapping.layer_slot(mc, i)[2]:  # a dense layer: Qwen3MoeMLP of width intermediate_size
-            return rules + [mapping.linear(f"{hf}.mlp.gate_proj.weight", at("ffn", "wi", 0)),
-                            mapping.linear(f"{hf}.mlp.up_proj.weight", at("ffn", "wi", 1)),
-                            mapping.linear(f"{hf}.mlp.down_proj.weight", at("ffn", "wo"))]
+            return rules + swiglu_rules(f"{hf}.mlp", lambda *p: at("ffn", *p))
         rules.append(mapping.linear(f"{hf}.mlp.gate.weight", at("ffn", "router", "kernel")))
-        if fused:
-            return rules + [fused_gate_up(FUSED.format(i=i), at("ffn", "experts", "wi", 0),
-                                          at("ffn", "experts", "wi", 1)),
-                            transposed(f"{hf}.mlp.experts.down_proj", at("ffn", "experts", "wo"))]
-        names = [f"{hf}.mlp.experts.{e}" for e in range(mc.moe.num_experts)]
-        gate, up, down = ([f"{n}.{proj}.weight" for n in names]
-                          for proj in ("gate_proj", "up_proj", "down_proj"))
-        return rules + [mapping.experts(gate, at("ffn", "experts", "wi", 0)),
-                        mapping.experts(up, at("ffn", "experts", "wi", 1)),
-                        mapping.experts(down, at("ffn", "experts", "wo"))]
+        return rules + expert_rules(mc, i, at, fused)
