@@ -43,11 +43,6 @@ class Family:
             out.append((s, depth, getattr(cfg, f"{s}_moe_every")))
         return out
 
-    def first_layer(self, cfg, stack: str) -> int:
-        """The index, among its stream's layers, of the stack's first layer (the decoder's follows
-        the dense prefix)."""
-        return cfg.first_dense_layers if stack == "decoder" else 0
-
     def moe_every(self, cfg) -> dict[str, int]:
         """{stack: moe_every} of the stacks that have MoE layers."""
         return {stack: every for stack, _, every in self.stacks(cfg) if every}
