@@ -69,7 +69,8 @@ def compile_on(jitted, args, device):
     """jitted compiled for `device` at the shapes and dtypes of args (a pytree): nothing is allocated."""
     where = jax.sharding.SingleDeviceSharding(device)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), args)
-    return jitted.lower(*abstract).compile()
+    with sharding.compiling_for(device.platform):
+        return jitted.lower(*abstract).compile()
 
 
 # ----------------------------------------------------------------------------- roofline

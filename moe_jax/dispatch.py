@@ -9,8 +9,9 @@ maps (`slots`), so they serve token choice and expert choice alike:
 - 'index': integer slot maps and row gathers, O(tokens x K) memory. Both directions are gathers
   and so are their gradients: a token's slots and a slot's token are inverse maps, so the VJP
   of one gather is a gather through the other map (no scatter-add of activations).
-- 'dropless': assignments sorted by expert and a grouped matmul (jax.lax.ragged_dot); nothing is
-  padded or dropped. Fast on GPU/TPU; XLA:CPU lowers ragged_dot to a dense product over all E.
+- 'dropless': assignments sorted by expert for a grouped matmul (moe_jax.grouped: megablox on TPU,
+  ragged_dot on GPU, blocks of one expert on CPU); nothing is dropped beyond the capacity, and with
+  capacity factor <= 0 nothing at all, and no expert is padded to S slots.
 Buffers use the layout [E, G * C, D] (expert-major), the one expert parallelism shards over E.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from moe_jax import grouped
 from moe_jax.routing import SlotMaps
 
 Strategy = Literal["einsum", "index", "dropless"]
@@ -120,33 +122,45 @@ def index_combine(outputs: jax.Array, ctx: IndexCtx) -> jax.Array:
 
 # ----------------------------------------------------------------------------- dropless
 class DroplessCtx(NamedTuple):
-    token_row: jax.Array  # int32 [G*S, K]: row of each choice in the sorted layout (N when dropped)
-    row_choice: jax.Array  # int32 [N]: flat (token, choice) index of each sorted row
+    token_row: jax.Array  # int32 [G*S, K]: row of each choice in the grouped layout (R when dropped)
+    row_choice: jax.Array  # int32 [R]: flat (token, choice) index of each row (N for padding rows)
     weight: jax.Array  # float32 [G*S, K]
     shape: tuple[int, int]
 
 
-def dropless_dispatch(x: jax.Array, decision) -> tuple[tuple[jax.Array, jax.Array], DroplessCtx]:
-    """Returns ((rows [N, D] sorted by expert, group_sizes int32 [E]), ctx), N = G*S*K."""
+def dropless_dispatch(x: jax.Array, decision, lay: grouped.Layout | None = None
+                      ) -> tuple[tuple[jax.Array, jax.Array], DroplessCtx]:
+    """Returns ((rows [R, D] grouped by expert, group_sizes int32 [E]), ctx): the kept assignments
+    sorted by expert, each expert's rows from a multiple of lay.align (its zero padding rows counted
+    in group_sizes), R = lay.rows (default: N = G*S*K, no alignment). Gathers and sorts only."""
     if not decision.dropless_ok:
         raise ValueError(f"dispatch='dropless' needs a token-choice routing decision, "
                          f"got {type(decision).__name__}")
     G, S, D = x.shape
     E, K = decision.num_experts, decision.position.shape[-1]
     n = G * S * K
+    align, R = (1, n) if lay is None else (lay.align, lay.rows)
     # Kept assignments sorted by expert (stable); dropped ones go to a last bucket E, after all rows.
     expert = jnp.where(decision.position >= 0, decision.expert_index, E).reshape(n)  # [N]
     choice_id = jnp.arange(n, dtype=jnp.int32)
-    _, row_choice = jax.lax.sort((expert, choice_id), num_keys=1, is_stable=True)  # [N]
-    group_sizes = jnp.bincount(expert, length=E + 1)[:E].astype(jnp.int32)  # [E]
-    row_of_choice = jnp.zeros((n,), jnp.int32).at[row_choice].set(choice_id)  # inverse permutation
-    num_kept = jnp.sum(group_sizes)
-    token_row = jnp.where(row_of_choice < num_kept, row_of_choice, n).reshape(G * S, K)
-    row_token = jnp.where(choice_id < num_kept, row_choice // K, G * S)  # [N]
-    rows = gather_rows(x.reshape(G * S, D), row_token, token_row)  # [N, D]
-    ctx = DroplessCtx(token_row, jnp.where(choice_id < num_kept, row_choice, n),
-                      decision.weight.reshape(G * S, K), (G, S))
-    return (rows, group_sizes), ctx
+    sorted_expert, sorted_choice = jax.lax.sort((expert, choice_id), num_keys=1, is_stable=True)  # [N]
+    counts = jnp.bincount(expert, length=E + 1)[:E].astype(jnp.int32)  # [E]
+    sizes = -(-counts // align) * align  # [E], padded to the alignment
+    first_sorted, first_row = jnp.cumsum(counts) - counts, jnp.cumsum(sizes) - sizes  # [E] each
+    e = jnp.minimum(sorted_expert, E - 1)  # [N]
+    row_of_sorted = jnp.where(sorted_expert < E, first_row[e] + choice_id - first_sorted[e], R)  # [N]
+    # choice -> row: sorting the rows by their choice inverts the permutation (no scatter)
+    token_row = jax.lax.sort((sorted_choice, row_of_sorted), num_keys=1)[1].reshape(G * S, K)
+    # row -> choice: each row's expert and its rank there; padding rows and rows past all get N
+    row = jnp.arange(R, dtype=jnp.int32)
+    row_expert = jnp.minimum(jnp.searchsorted(first_row + sizes, row, side="right"), E - 1)  # [R]
+    rank = row - first_row[row_expert]
+    real = rank < counts[row_expert]  # [R]
+    row_choice = jnp.where(real, sorted_choice[jnp.minimum(first_sorted[row_expert] + rank, n - 1)], n)
+    row_token = jnp.where(real, row_choice // K, G * S)  # [R]
+    rows = gather_rows(x.reshape(G * S, D), row_token, token_row)  # [R, D]
+    ctx = DroplessCtx(token_row, row_choice, decision.weight.reshape(G * S, K), (G, S))
+    return (rows, sizes), ctx
 
 
 def dropless_combine(outputs: jax.Array, ctx: DroplessCtx) -> jax.Array:

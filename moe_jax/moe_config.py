@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from moe_jax import routers, validation
+from moe_jax import grouped, routers, validation
 from moe_jax.dispatch import STRATEGIES
 from moe_jax.experts import ACTIVATIONS
 from moe_jax.routing.capacity import CAPACITY_FORMULAS, CAPACITY_ROUNDINGS, FILL_ORDERS
@@ -61,6 +61,8 @@ class MoEConfig:
     soft_slots_per_expert: int = 1  # 'soft': slots P per expert
     # Experts.
     dispatch: str = "auto"
+    # dispatch 'dropless': the grouped matmul's backend (moe_jax/grouped.py); 'auto' by platform.
+    grouped_matmul: str = "auto"
     expert_dropout: float = 0.0
     num_shared_experts: int = 0  # DeepSeekMoE always-on experts, each of width d_ff
     expert_bias: bool = False  # biases on the routed experts' input and output matmuls (gpt-oss)
@@ -71,6 +73,7 @@ class MoEConfig:
         for field, allowed in (("activation", ACTIVATIONS), ("capacity_formula", CAPACITY_FORMULAS),
                                ("capacity_rounding", CAPACITY_ROUNDINGS), ("order", FILL_ORDERS),
                                ("second_choice", SECOND_CHOICE_POLICIES), ("dispatch", DISPATCHES),
+                               ("grouped_matmul", ("auto",) + grouped.BACKENDS),
                                ("router_dtype", ROUTER_DTYPES)):
             validation.choice("moe", field, getattr(self, field), allowed)
         for field, low in (("num_experts", 1), ("k", 1), ("d_ff", 1), ("min_capacity", 0),
@@ -90,6 +93,9 @@ class MoEConfig:
                              + (f"supports {kind.dispatches}" if kind.dispatches
                                 else "mixes the experts itself")
                              + ": choose one of them or 'auto'")
+        if self.grouped_matmul != "auto" and self.dispatch not in ("auto", "dropless"):
+            raise ValueError(f"moe.grouped_matmul={self.grouped_matmul!r} applies to dispatch 'dropless' "
+                             f"only, not moe.dispatch={self.dispatch!r}: leave it at 'auto'")
         self._check_expert_capacity(kind)
         kind.validate(self)
 

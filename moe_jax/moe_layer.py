@@ -14,7 +14,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import routing, sharding
+from moe_jax import grouped, routing, sharding
 from moe_jax.experts import FeedForward
 from moe_jax.moe_config import MoEConfig
 from moe_jax.router import Router
@@ -32,10 +32,12 @@ class MoEAux:
     stats: dict  # see moe_jax.routing.stats
 
 
-# 'auto': the fastest dispatch measured (`python -m moe_jax.bench layer`, benchmarks/README.md). On
-# XLA:CPU 'index'; the einsum costs 2-2.5x more at S = 1024, and 'dropless' runs jax.lax.ragged_dot as
-# a dense product over all experts. 'index' needs no [G, S, E, C] masks and takes O(tokens x K) memory.
-AUTO_DISPATCH = "index"
+# moe.dispatch='auto': routing without capacity (factor <= 0) takes 'dropless', which pads no expert
+# to S slots; otherwise the fastest dispatch measured for the platform (`python -m moe_jax.bench layer`,
+# with --topology for the TPU compiler's cost model; benchmarks/README.md). On XLA:CPU 'index': the
+# einsum costs 2-2.5x more at S = 1024. On the v5e cost model 'einsum': index costs 3-35% more at
+# E = 8-128, capacity factor 1.0. GPU has no measurement yet and takes the CPU's choice.
+FASTEST_DISPATCH = {"cpu": "index", "tpu": "einsum", "gpu": "index"}
 
 
 class MoELayer(nnx.Module):
@@ -46,7 +48,6 @@ class MoELayer(nnx.Module):
             cfg.check_causal()
         self.cfg, self.d_model, self.dtype = cfg, d_model, dtype
         self.router = Router(cfg, d_model, rngs=rngs)
-        self.dispatch = AUTO_DISPATCH if cfg.dispatch == "auto" else cfg.dispatch
         self.experts = FeedForward(d_model, cfg.d_ff, num_experts=cfg.num_experts, activation=cfg.activation,
                                    dropout_rate=cfg.expert_dropout, init_scale=init_scale, dtype=dtype,
                                    param_dtype=param_dtype, bias=cfg.expert_bias, rngs=rngs)
@@ -93,18 +94,32 @@ class MoELayer(nnx.Module):
         if self.router.kind.own_path:
             y = self.router.kind.mix(groups, decision, self.experts)
         else:
-            send, receive = dispatch_lib.get(self.dispatch)
-            inputs, ctx = send(groups, decision)
-            if self.dispatch == "dropless":
-                rows, group_sizes = inputs
-                outputs = self.experts(rows, group_sizes)  # [N, D], grouped by expert
-            else:
-                # Token-major -> expert-major: with experts sharded, XLA moves tokens by an all-to-all here.
-                # [E, G*C, D]
-                inputs = checkpoint_name(sharding.constrain(inputs, sharding.EXPERT_MAJOR), EXPERT_INPUTS)
-                outputs = sharding.constrain(self.experts(inputs), sharding.EXPERT_MAJOR)  # [E, G*C, D]
-            y = sharding.constrain(receive(outputs, ctx), ("batch", None, "embed"))  # [G, S, D]
+            y = self._dispatched(groups, decision, self.dispatch_for(capacity))
         y = y.reshape(B, L, D).astype(self.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
         return y, MoEAux(balance_loss=decision.balance_loss, z_loss=decision.z_loss, stats=decision.stats())
+
+    def dispatch_for(self, capacity: int | None) -> str:
+        """The dispatch strategy this call uses (moe.dispatch, or 'auto' resolved at trace time)."""
+        if self.cfg.dispatch != "auto":
+            return self.cfg.dispatch
+        if capacity is None and "dropless" in self.router.kind.dispatches:
+            return "dropless"
+        return FASTEST_DISPATCH.get(sharding.target_platform(), "index")
+
+    def _dispatched(self, groups: jax.Array, decision, strategy: str) -> jax.Array:
+        """groups [G, S, D] -> [G, S, D] through the experts by `strategy`."""
+        if strategy == "dropless":
+            G, S, _ = groups.shape
+            lay = grouped.plan(self.cfg.grouped_matmul, G * S * decision.position.shape[-1],
+                               self.cfg.num_experts)
+            (rows, group_sizes), ctx = dispatch_lib.dropless_dispatch(groups, decision, lay)
+            outputs = self.experts(rows, group_sizes, lay)  # [R, D], grouped by expert
+            return sharding.constrain(dispatch_lib.dropless_combine(outputs, ctx), ("batch", None, "embed"))
+        send, receive = dispatch_lib.get(strategy)
+        inputs, ctx = send(groups, decision)
+        # Token-major -> expert-major: with experts sharded, XLA moves tokens by an all-to-all here.
+        inputs = checkpoint_name(sharding.constrain(inputs, sharding.EXPERT_MAJOR), EXPERT_INPUTS)  # [E, G*C, D]
+        outputs = sharding.constrain(self.experts(inputs), sharding.EXPERT_MAJOR)  # [E, G*C, D]
+        return sharding.constrain(receive(outputs, ctx), ("batch", None, "embed"))  # [G, S, D]

@@ -40,6 +40,7 @@ DEFAULT_RULES = (
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, dict] | None] = contextvars.ContextVar(
     "moe_jax_sharding", default=None)
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("moe_jax_platform", default=None)
 
 
 class ShardingError(ValueError):
@@ -124,6 +125,25 @@ def use_mesh(mesh: Mesh, rules: dict):
         yield
     finally:
         _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace for `platform` ('cpu', 'gpu', 'tpu') without a mesh: a one-chip compile for a TPU topology."""
+    token = _PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the active mesh's devices', else the one
+    `compiling_for` names, else JAX's default backend. Kernels (the grouped matmul) choose by it."""
+    active = _ACTIVE.get()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return _PLATFORM.get() or jax.default_backend()
 
 
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:

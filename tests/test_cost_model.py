@@ -74,3 +74,24 @@ def test_layer_benchmark_on_the_v5e_cost_model():
     assert record["ratio"] == pytest.approx(record["est_ms"] / record["dense_est_ms"])
     assert record["roofline_ms"] > record["dense_roofline_ms"]  # the router and the moves
     assert "ms" not in record  # compiled, not run
+
+
+def test_dropless_layer_compiles_for_v5e_through_the_grouped_kernel():
+    """Capacity factor 0 (Mixtral-style top-2 of 8) on TPU: the megablox kernel, not a product over
+    all experts (ragged_dot's weight gradient) nor every expert padded to S slots (index)."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from moe_jax import MoEConfig, MoELayer, bench  # noqa: PLC0415
+    T, D, F, E, k = 1024, 128, 256, 8, 2
+    cfg = MoEConfig(num_experts=E, k=k, d_ff=F, activation="swiglu", train_capacity_factor=0.0,
+                    eval_capacity_factor=0.0)
+    layer = MoELayer(cfg, D, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    assert layer.dispatch_for(layer.capacity(128)) == "dropless"
+    jitted, args = bench.grad_program(layer, jnp.zeros((T // 128, 128, D), jnp.bfloat16))
+    compiled = cost_model.compile_on(jitted, args, cost_model.tpu_devices("v5e-1")[0])
+    assert "tpu_custom_call" in compiled.as_text()  # the Pallas (Mosaic) grouped matmul
+    experts = 3 * 3 * 2 * T * k * D * F  # 3 matmuls x (forward, two gradients), each 2 N D F, N = T k
+    flops = cost_model.estimate(compiled)["flops"]
+    assert experts < flops < 1.25 * experts  # the router, activations and moves are the rest

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import MoEConfig, MoELayer, routers
+from moe_jax import MoEConfig, MoELayer, grouped, routers
 from tests import reference
 
 B, L, D, F, E = 2, 8, 8, 16, 4
@@ -34,9 +34,11 @@ NOISE_KEY = jax.random.PRNGKey(5)  # the noisy router's training draw, given to 
 DROPPING = ("switch_top1_drops", "top2_rank_major", "top2_token_major_renorm", "top2_bpr",
             "top1_tokens_formula_groups", "hierarchical", "noisy_top_k_eval", "noisy_top_k_train",
             "shared_experts")
-# Every dispatch strategy the router supports; a router with its own path (soft MoE) runs it under 'auto'.
-PARAMS = [(name, d) for name, opts in CASES.items()
-          for d in (routers.get(opts["router"]).dispatches or ("auto",))]
+# Every dispatch strategy the router supports, 'dropless' with every grouped matmul backend; a router
+# with its own path (soft MoE) runs it under 'auto'.
+PARAMS = [(name, d, b) for name, opts in CASES.items()
+          for d in (routers.get(opts["router"]).dispatches or ("auto",))
+          for b in (grouped.BACKENDS if d == "dropless" else ("auto",))]
 
 
 def reference_params(layer: MoELayer) -> dict:
@@ -68,9 +70,9 @@ def layer_params_as_reference(grads: nnx.State, layer: MoELayer) -> dict:
     return reference_params(g)
 
 
-@pytest.mark.parametrize("name,strategy", PARAMS)
-def test_layer_equals_reference(name, strategy):
-    cfg = MoEConfig(num_experts=E, d_ff=F, dispatch=strategy, **CASES[name])
+@pytest.mark.parametrize("name,strategy,backend", PARAMS)
+def test_layer_equals_reference(name, strategy, backend):
+    cfg = MoEConfig(num_experts=E, d_ff=F, dispatch=strategy, grouped_matmul=backend, **CASES[name])
     layer = MoELayer(cfg, D, rngs=nnx.Rngs(0))
     if name.endswith("_eval"):
         layer.eval()
