@@ -17,11 +17,14 @@ given Python version. `max_files` picks a small, deterministic subset (by a seco
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import os
 import sys
 import sysconfig
+import tempfile
 import tokenize
 
 import jax
@@ -149,6 +152,19 @@ def prepare(data_dir: str | None, max_files: int = 0) -> StdlibCorpus:
     return prepare_builder(StdlibCorpus, data_dir, max_files)
 
 
+@contextlib.contextmanager
+def _one_builder_at_a_time(data_dir: str):
+    """An exclusive lock per builder directory among this machine's processes (experiment runs
+    launched together), so that the second waits for the first's files instead of racing it."""
+    name = hashlib.sha1(str(data_dir).encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"moe_jax-prepare-{name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def prepare_builder(builder_class, data_dir: str | None, max_files: int = 0):
     """A prepared builder of the corpus or of a task made from it. In a multi-process job process 0
     builds it while the others wait, so that no two build one data_dir."""
@@ -158,7 +174,10 @@ def prepare_builder(builder_class, data_dir: str | None, max_files: int = 0):
         return builder_class(config=config, data_dir=data_dir or None, file_format="array_record")
     builder = make()
     if jax.process_index() == 0 and not builder.is_prepared():
-        builder.download_and_prepare()
+        with _one_builder_at_a_time(builder.data_dir):  # jobs started together on one machine
+            builder = make()
+            if not builder.is_prepared():
+                builder.download_and_prepare()
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"moe_jax: {builder_class.__name__} prepared")
         builder = make()  # sees the files process 0 wrote
