@@ -65,8 +65,10 @@ softmax over the top-2 of biased logits, dropless). `encoder_*`: the switch_tiny
 on span corruption with MoE layers in the encoder only; the routers that look at the whole group
 (expert choice, soft MoE) are allowed there. The two families train on different objectives:
 compare losses within a family only. {steps} steps of 16 sequences, seed 0. Load: max over
-mean of the tokens routed per expert (1.0 is perfect balance; for expert choice and soft MoE
-every expert takes the same number by construction).
+mean of the tokens routed per expert (1.0 is perfect balance; under expert choice every expert
+takes the same number by construction; soft MoE's figure is each expert's share of the combine
+weights, as every expert processes the same slots). tokens/s: training throughput on this 2-core
+CPU with two runs sharing it (and, for some runs, other work): compare it across runs only loosely.
 
 {table}
 

@@ -70,7 +70,7 @@ def test_a_shared_run_is_reused_only_for_its_own_config():
         runner.load_results(top1_vs_top2.NAME, [other])
 
 
-@pytest.mark.parametrize("experiment", summary.EXPERIMENTS, ids=lambda m: m.NAME)
+@pytest.mark.parametrize("experiment", summary.EXPERIMENTS + (routers,), ids=lambda m: m.NAME)
 def test_committed_report_is_what_the_report_code_writes(experiment, tmp_path):
     results = summary.load_results(experiment)
     committed = runner.RESULTS / experiment.NAME / "README.md"
