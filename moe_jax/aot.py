@@ -75,7 +75,8 @@ def per_device_bytes(abstract_tree) -> int:
     return total
 
 
-COLLECTIVES = ("all-to-all", "all-reduce", "all-gather", "reduce-scatter", "collective-permute")
+COLLECTIVES = ("all-to-all", "ragged-all-to-all", "all-reduce", "all-gather", "reduce-scatter",
+               "collective-permute")
 
 
 def collective_counts(hlo_text: str) -> dict[str, int]:

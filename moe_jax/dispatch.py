@@ -11,7 +11,8 @@ maps (`slots`), so they serve token choice and expert choice alike:
   of one gather is a gather through the other map (no scatter-add of activations).
 - 'dropless': assignments sorted by expert for a grouped matmul (moe_jax.grouped: megablox on TPU,
   ragged_dot on GPU, blocks of one expert on CPU); nothing is dropped beyond the capacity, and with
-  capacity factor <= 0 nothing at all, and no expert is padded to S slots.
+  capacity factor <= 0 nothing at all, and no expert is padded to S slots. With experts sharded,
+  moe_jax.expert_parallel runs it per device and exchanges the rows between the experts' devices.
 Buffers use the layout [E, G * C, D] (expert-major), the one expert parallelism shards over E.
 """
 from __future__ import annotations

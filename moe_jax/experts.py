@@ -87,17 +87,21 @@ class FeedForward(nnx.Module):
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
 
     def __call__(self, x: jax.Array, group_sizes: jax.Array | None = None,
-                 lay: grouped.Layout | None = None) -> jax.Array:
+                 lay: grouped.Layout | None = None, reduce=None) -> jax.Array:
+        """reduce (grouped rows only): applied to the output projection before its bias, e.g. a psum
+        over the mesh axis that splits F (expert parallelism inside shard_map)."""
         x = x.astype(self.dtype)
         if group_sizes is not None:
-            lay = lay or grouped.plan("ragged_dot", x.shape[0], self.num_experts)
+            lay = lay or grouped.plan("ragged_dot", x.shape[0], group_sizes.shape[0])
 
             def ragged(a, w):  # [R, D] x [E, D, F] -> [R, F], rows grouped by expert
                 return checkpoint_name(grouped.matmul(a, w.astype(self.dtype), group_sizes, lay),
                                        EXPERT_MATMUL)
-            # the expert of each row [R]: rows past the groups take the last expert's (unused)
-            expert = jnp.repeat(jnp.arange(self.num_experts), group_sizes, total_repeat_length=x.shape[0])
-            return self._apply(x, ragged, lambda b: b[expert])  # [E, W] -> [R, W]
+            # the expert of each row [R]: rows past the groups take the last expert's (unused). E is
+            # group_sizes' length: under expert parallelism, the experts of one shard.
+            E = group_sizes.shape[0]
+            expert = jnp.repeat(jnp.arange(E), group_sizes, total_repeat_length=x.shape[0])
+            return self._apply(x, ragged, lambda b: b[expert], reduce)  # [E, W] -> [R, W]
         if self.num_experts is None:
             def dense(a, w):  # [..., D] x [D, F] -> [..., F]
                 return jnp.einsum("...d,df->...f", a, w.astype(self.dtype))
@@ -114,10 +118,10 @@ class FeedForward(nnx.Module):
             return checkpoint_name(jnp.einsum("end,edf->enf", a, w.astype(self.dtype)), EXPERT_MATMUL)
         return self._apply(x, batched, lambda b: b[:, None])  # [E, W] -> [E, 1, W]
 
-    def _apply(self, x: jax.Array, matmul, rows) -> jax.Array:
-        """rows(bias): a bias laid out to add to the matmul outputs."""
-        def project(a, w, b):
-            y = matmul(a, w[...])
+    def _apply(self, x: jax.Array, matmul, rows, reduce=None) -> jax.Array:
+        """rows(bias): a bias laid out to add to the matmul outputs; reduce: see __call__."""
+        def project(a, w, b, reduce=None):
+            y = matmul(a, w[...]) if reduce is None else reduce(matmul(a, w[...]))
             return y if b is None else y + rows(b[...].astype(self.dtype))
         bi = [None] * len(self.wi) if self.bi is None else list(self.bi)
         first = project(x, self.wi[0], bi[0])  # [..., F]
@@ -126,4 +130,4 @@ class FeedForward(nnx.Module):
         else:
             h = _ACT[self.activation](first)
         h = self.dropout(h)
-        return project(h, self.wo, self.bo)  # [..., F] -> [..., D]
+        return project(h, self.wo, self.bo, reduce)  # [..., F] -> [..., D]

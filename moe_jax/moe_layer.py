@@ -14,7 +14,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import grouped, routing, sharding
+from moe_jax import expert_parallel, grouped, routing, sharding
 from moe_jax.experts import FeedForward
 from moe_jax.moe_config import MoEConfig
 from moe_jax.router import Router
@@ -110,6 +110,8 @@ class MoELayer(nnx.Module):
 
     def _dispatched(self, groups: jax.Array, decision, strategy: str) -> jax.Array:
         """groups [G, S, D] -> [G, S, D] through the experts by `strategy`."""
+        if strategy == "dropless" and sharding.expert_axis() is not None:
+            return expert_parallel.dropless(groups, decision, self.experts, self.cfg.grouped_matmul)
         if strategy == "dropless":
             G, S, _ = groups.shape
             lay = grouped.plan(self.cfg.grouped_matmul, G * S * decision.position.shape[-1],
@@ -120,6 +122,7 @@ class MoELayer(nnx.Module):
         send, receive = dispatch_lib.get(strategy)
         inputs, ctx = send(groups, decision)
         # Token-major -> expert-major: with experts sharded, XLA moves tokens by an all-to-all here.
-        inputs = checkpoint_name(sharding.constrain(inputs, sharding.EXPERT_MAJOR), EXPERT_INPUTS)  # [E, G*C, D]
+        # [G, E*C, D] -> [E, G*C, D]
+        inputs = checkpoint_name(sharding.constrain(inputs, sharding.EXPERT_MAJOR), EXPERT_INPUTS)
         outputs = sharding.constrain(self.experts(inputs), sharding.EXPERT_MAJOR)  # [E, G*C, D]
         return sharding.constrain(receive(outputs, ctx), ("batch", None, "embed"))  # [G, S, D]

@@ -6,7 +6,8 @@ The mesh has axes (data, expert, model). The model only names logical axes ('bat
 [E, D, F] split over 'expert' (E / n experts per device), attention and FFN weights over 'model',
 the batch over data x expert. Inside the MoE layer, token-major buffers [G, E*C, D] (groups
 sharded like the batch) become expert-major [E, G*C, D] (experts over 'expert'): the constraints
-placed there make XLA move tokens with one all-to-all over 'expert' each way.
+placed there make XLA move tokens with one all-to-all over 'expert' each way. The dropless dispatch
+has no fixed-size buffers for GSPMD to split: it runs under shard_map (moe_jax/expert_parallel.py).
 """
 from __future__ import annotations
 
@@ -135,6 +136,20 @@ def compiling_for(platform: str):
         yield
     finally:
         _PLATFORM.reset(token)
+
+
+def expert_axis() -> tuple[Mesh, dict, str] | None:
+    """(mesh, rules, mesh axis) when tracing under a mesh whose 'expert' rule names one mesh axis of
+    more than one device (expert parallelism), else None."""
+    active = _ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    axis = rules.get("expert")
+    axis = axis[0] if isinstance(axis, tuple) and len(axis) == 1 else axis
+    if not isinstance(axis, str) or mesh.shape[axis] == 1:
+        return None
+    return mesh, rules, axis
 
 
 def target_platform() -> str:

@@ -95,3 +95,21 @@ def test_dropless_layer_compiles_for_v5e_through_the_grouped_kernel():
     experts = 3 * 3 * 2 * T * k * D * F  # 3 matmuls x (forward, two gradients), each 2 N D F, N = T k
     flops = cost_model.estimate(compiled)["flops"]
     assert experts < flops < 1.25 * experts  # the router, activations and moves are the rest
+
+
+def test_expert_parallel_dropless_compiles_for_v5e_8_with_ragged_all_to_all():
+    """Experts over the 8 chips of v5e-8: each chip sorts its tokens, sends each chip the rows of its
+    experts by ragged all-to-all (there and back, forward and backward) and runs megablox on them."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from moe_jax import MoEConfig, MoELayer, bench_mesh, sharding  # noqa: PLC0415
+    mesh = sharding.make_mesh((1, 8, 1), cost_model.tpu_devices("v5e-8"))
+    cfg = MoEConfig(num_experts=16, k=2, d_ff=256, activation="swiglu", train_capacity_factor=0.0,
+                    eval_capacity_factor=0.0)
+    layer = nnx.eval_shape(lambda: MoELayer(cfg, 128, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    rules = sharding.rules_dict(sharding.DEFAULT_RULES)
+    point = bench_mesh.compiled_point(layer, mesh, rules, (16, 128, 128))
+    assert point["collectives"].get("ragged-all-to-all", 0) >= 4, point["collectives"]
+    assert point["collectives"].get("all-gather", 0) == 0, point["collectives"]  # no token is gathered

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import aot, configuration, sharding
+from moe_jax import MoEConfig, MoELayer, aot, configuration, sharding
 from moe_jax.checkpoints import Checkpointer
 from moe_jax.models import generate
 from moe_jax.trainer import Trainer
@@ -17,7 +17,10 @@ from tests.test_train import small_config, synthetic_batch
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
 ROUTERS = {"top1": dict(router="top_k", k=1), "top2": dict(router="top_k", k=2, order="token_major"),
-           "expert_choice": dict(router="expert_choice")}
+           "expert_choice": dict(router="expert_choice"),
+           # capacity factor 0: the dropless dispatch, expert-parallel (moe_jax.expert_parallel)
+           "dropless_top2": dict(router="top_k", k=2, order="token_major", train_capacity_factor=0.0,
+                                 eval_capacity_factor=0.0)}
 
 
 def config_for(router: str, num_experts: int, mesh_shape=(1, 1, 1)):
@@ -60,7 +63,7 @@ def single_device():
 # counts). Meshes whose expert axis does not divide E are refused: see the last test.
 OTHER_COUNTS = ((4, (1, 4, 2)), (16, (1, 8, 1)))
 CASES = ([(router, 8, mesh) for router in ROUTERS for mesh in MESHES]
-         + [(router, E, mesh) for router in ("top1", "top2") for E, mesh in OTHER_COUNTS])
+         + [(router, E, mesh) for router in ("top1", "top2", "dropless_top2") for E, mesh in OTHER_COUNTS])
 
 
 @pytest.mark.parametrize("router,num_experts,mesh_shape", CASES)
@@ -104,6 +107,52 @@ def test_expert_parallel_step_moves_tokens_with_all_to_all():
     hlo = trainer.jit_train_step().lower(trainer.abstract_sharded_state(),
                                          trainer.shard_batch(synthetic_batch(config))).compile().as_text()
     assert aot.collective_counts(hlo).get("all-to-all", 0) >= 2  # to the experts and back
+
+
+def test_expert_parallel_dropless_step_exchanges_rows_with_all_to_all():
+    """On CPU the rows go as zero-padded [n, N, D] blocks: one all-to-all each way in the forward pass
+    and in the backward, plus the per-expert counts."""
+    config = config_for("dropless_top2", 8, (1, 8, 1))
+    trainer = Trainer(config, configuration.validate(config), mesh=sharding.make_mesh((1, 8, 1)))
+    hlo = trainer.jit_train_step().lower(trainer.abstract_sharded_state(),
+                                         trainer.shard_batch(synthetic_batch(config))).compile().as_text()
+    counts = aot.collective_counts(hlo)
+    assert counts.get("all-to-all", 0) >= 5, counts  # counts; rows there and back, forward and backward
+
+
+def perturbed_layer(cfg):
+    """A dropless MoE layer with every parameter moved off its init (biases start at zero)."""
+    layer = MoELayer(cfg, 16, rngs=nnx.Rngs(0))
+    params = nnx.state(layer, nnx.Param)
+    keys = iter(jax.random.split(jax.random.key(2), len(jax.tree.leaves(params))))
+    nnx.update(layer, jax.tree.map(lambda a: a + 0.1 * jax.random.normal(next(keys), a.shape), params))
+    return layer
+
+
+# (batch, mesh): 8 groups split over the devices, F over 'model' too on (1, 4, 2); 2 groups stay
+# whole on every device (as in decoding): each device runs its own experts, a sum combines.
+@pytest.mark.parametrize("batch,mesh_shape", [(8, (1, 4, 2)), (2, (1, 8, 1)), (2, (2, 2, 2))])
+def test_expert_parallel_dropless_layer_equals_one_device(batch, mesh_shape):
+    """gpt-oss-style experts (biases, clamped SwiGLU): forward and gradients as on one device."""
+    cfg = MoEConfig(num_experts=8, k=2, d_ff=32, activation="clamped_swiglu", expert_bias=True,
+                    train_capacity_factor=0.0, eval_capacity_factor=0.0)
+    x = jax.random.normal(jax.random.key(1), (batch, 16, 16))
+
+    def loss(layer, x):
+        y, _ = layer(x)
+        return jnp.sum(y * jnp.cos(y)), y
+    grad = nnx.value_and_grad(loss, has_aux=True, argnums=(0, 1))
+    (_, y), g = grad(perturbed_layer(cfg), x)
+    mesh = sharding.make_mesh(mesh_shape)
+
+    @nnx.jit
+    def on_mesh(layer, x):
+        with sharding.use_mesh(mesh, sharding.rules_dict(sharding.DEFAULT_RULES)):
+            return grad(layer, x)
+    (_, y_mesh), g_mesh = on_mesh(perturbed_layer(cfg), x)
+    np.testing.assert_allclose(y_mesh, y, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_mesh), jax.tree.leaves(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoint_restores_on_another_mesh(tmp_path):
