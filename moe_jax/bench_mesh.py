@@ -29,6 +29,7 @@ from moe_jax.moe_config import MoEConfig
 from moe_jax.moe_layer import MoELayer
 
 _F = flags.FLAGS  # the flags of moe_jax.bench layer: --topology, --tokens, --experts, --k, ...
+flags.DEFINE_float("ep_buffer_factor", 0.0, "dropless points: moe.ep_buffer_factor (0: nothing dropped)")
 
 
 def on_mesh(state, mesh, rules):
@@ -82,11 +83,14 @@ def points() -> list[dict]:
         floor = cost_model.layer_roofline_ms(
             tokens=_F.tokens // n, d_model=_F.d_model, d_ff=_F.d_ff, experts=E // n,
             rows_per_expert=_F.tokens * k // E, n_mats=n_mats, itemsize=2, peaks=peaks)
+        buffer = _F.ep_buffer_factor if strategy == "dropless" else 0.0
         cfg = MoEConfig(num_experts=E, k=k, d_ff=_F.d_ff, activation=act, dispatch=strategy,
-                        train_capacity_factor=cf, group_size=S)
+                        train_capacity_factor=cf, eval_capacity_factor=cf if cf <= 0 else 2.0, group_size=S,
+                        ep_buffer_factor=buffer)
         layer = nnx.eval_shape(lambda: MoELayer(cfg, _F.d_model, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
         rec = dict(topology=_F.topology, chips=n, dispatch=strategy, num_experts=E, k=k, capacity_factor=cf,
-                   group_size=S, activation=act, tokens=_F.tokens, d_model=_F.d_model, d_ff=_F.d_ff)
+                   ep_buffer_factor=buffer, group_size=S, activation=act, tokens=_F.tokens,
+                   d_model=_F.d_model, d_ff=_F.d_ff)
         try:
             est = compiled_point(layer, mesh, rules, _shape())
         except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: the step does not fit a chip

@@ -20,6 +20,7 @@ rows, but its declared cost (the TPU cost model's figure) counts all of them.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -45,9 +46,11 @@ def exchange_for(platform: str) -> str:
     return "padded" if platform == "cpu" else "ragged"
 
 
-def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str) -> jax.Array:
-    """groups [G, S, D] -> [G, S, D] through `experts` (a FeedForward of E experts), the experts and
-    groups sharded as sharding.expert_axis() says; backend: moe.grouped_matmul."""
+def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str, buffer_factor: float = 0.0
+             ) -> tuple[jax.Array, jax.Array]:
+    """groups [G, S, D] -> ([G, S, D], the fraction of kept assignments the receive buffers
+    dropped []) through `experts` (a FeedForward of E experts), the experts and groups sharded as
+    sharding.expert_axis() says; backend: moe.grouped_matmul; buffer_factor: moe.ep_buffer_factor."""
     mesh, rules, axis = sharding.expert_axis()
     n, E = mesh.shape[axis], decision.num_experts
     if E % n:
@@ -67,7 +70,8 @@ def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str) -> 
         return PartitionSpec(*({"expert": axis, "mlp": width_axis}.get(name) for name in names))
     param_spec = jax.tree.map(spec_of, params, is_leaf=lambda v: isinstance(v, nnx.Variable))
     exchange = exchange_for(sharding.target_platform())
-    split = axis in (token_spec[0] if isinstance(token_spec[0], tuple) else (token_spec[0],))
+    token_axes = token_spec[0] if isinstance(token_spec[0], tuple) else (token_spec[0],)
+    split = axis in token_axes
 
     def shard(x, expert_index, position, weight, local_params):  # x [G/m, S, D]
         merged = nnx.merge(graphdef, local_params, rest)
@@ -77,13 +81,16 @@ def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str) -> 
         def ffn(rows, group_sizes, lay):
             return merged(rows, group_sizes, lay, reduce)
         choices = _Choices(expert_index, position, weight, E)
-        if split:
-            return _shard_layer(x, choices, ffn, axis, n, backend, exchange)
-        return _local_experts(x, choices, ffn, axis, n, backend)
+        if not split:
+            return _local_experts(x, choices, ffn, axis, n, backend), jnp.zeros((), jnp.float32)
+        y, dropped = _shard_layer(x, choices, ffn, axis, n, backend, exchange, buffer_factor)
+        kept = jnp.sum(position >= 0)
+        return y, (jax.lax.psum(dropped, token_axes) / jnp.maximum(jax.lax.psum(kept, token_axes), 1))
 
     # check_vma=False: the megablox kernel declares no per-axis variance for its outputs
     specs = (token_spec, choice_spec, choice_spec, choice_spec, param_spec)
-    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=token_spec, check_vma=False)(
+    return jax.shard_map(shard, mesh=mesh, in_specs=specs, out_specs=(token_spec, PartitionSpec()),
+                         check_vma=False)(
         groups, decision.expert_index, decision.position, decision.weight, params)
 
 
@@ -96,39 +103,54 @@ def _width_axis(mesh, rules, expert_axis: str, d_ff: int) -> str | None:
     return axis
 
 
-def _shard_layer(x, choices: _Choices, ffn, axis: str, n: int, backend: str, exchange: str):
-    """One device's part: x [G, S, D] (its groups) -> [G, S, D]."""
+def _shard_layer(x, choices: _Choices, ffn, axis: str, n: int, backend: str, exchange: str,
+                 buffer_factor: float):
+    """One device's part: x [G, S, D] (its groups) -> ([G, S, D], assignments it dropped [])."""
     (rows, counts), ctx = dispatch.dropless_dispatch(x, choices)  # rows [N, D] by global expert
     N = rows.shape[0]
+    M = receive_rows(N, n, buffer_factor)
     per_device = counts.reshape(n, -1)  # [n, E/n]: my rows for each device's experts
     send_sizes = jnp.sum(per_device, axis=1)  # [n]
-    # [n, E/n]: the rows each source sends me, per local expert
-    recv_counts = jax.lax.all_to_all(per_device, axis, 0, 0, tiled=True)
-    recv_sizes = jnp.sum(recv_counts, axis=1)  # [n]
     starts = jnp.cumsum(send_sizes) - send_sizes  # [n]: where my rows for device j begin
-    if exchange == "ragged":
-        me = jax.lax.axis_index(axis)
-        received = jax.lax.ragged_all_to_all(  # [N, D] -> [n * N, D]
-            rows, jnp.zeros((n * N, rows.shape[1]), rows.dtype), starts, send_sizes,
-            jnp.full((n,), me * N, jnp.int32), recv_sizes, axis_name=axis)
-    else:
+    # [n, E/n]: the rows each source offers me, per local expert; I take the first M in source order
+    offered = jax.lax.all_to_all(per_device, axis, 0, 0, tiled=True)
+    before = jnp.cumsum(jnp.sum(offered, axis=1)) - jnp.sum(offered, axis=1)  # [n]
+    accepted = jnp.clip(M - before, 0, jnp.sum(offered, axis=1))  # [n]
+    in_block = jnp.cumsum(offered, axis=1) - offered  # [n, E/n]
+    recv_counts = jnp.clip(accepted[:, None] - in_block, 0, offered)  # [n, E/n]
+    dropped = jnp.sum(offered) - jnp.sum(accepted)
+    if exchange == "ragged":  # source i's rows at [min(before_i, M), ...) of a [M, D] buffer
+        block_start, slots = jnp.minimum(before, M), M
+        taken = jax.lax.all_to_all(accepted, axis, 0, 0, tiled=True)  # [n]: what device j takes of mine
+        received = jax.lax.ragged_all_to_all(  # [N, D] -> [M, D]
+            rows, jnp.zeros((M, rows.shape[1]), rows.dtype), starts, taken,
+            jax.lax.all_to_all(block_start, axis, 0, 0, tiled=True), accepted, axis_name=axis)
+    else:  # every row, in [n, N, D] blocks; those past M are ignored
+        block_start, slots = jnp.arange(n, dtype=jnp.int32) * N, n * N
         slot_row, row_slot = _padded_maps(send_sizes, starts, N, n)
         blocks = dispatch.gather_rows(rows, slot_row, row_slot[:, None]).reshape(n, N, -1)  # [n, N, D]
         received = jax.lax.all_to_all(blocks, axis, 0, 0, tiled=True).reshape(n * N, -1)  # [n * N, D]
-    lay = grouped.plan(backend, n * N, recv_counts.shape[1])
-    row_src, src_row, group_sizes = _regroup(recv_counts, N, lay)
-    xs = dispatch.gather_rows(received, row_src, src_row[:, None])  # [n * N, D] -> [R, D]
+    lay = grouped.plan(backend, M, recv_counts.shape[1])
+    row_src, src_row, group_sizes = _regroup(recv_counts, block_start, slots, lay)
+    xs = dispatch.gather_rows(received, row_src, src_row[:, None])  # [slots, D] -> [R, D]
     ys = ffn(xs, group_sizes, lay)  # [R, D]
-    back = dispatch.gather_rows(ys, src_row, row_src[:, None])  # [R, D] -> [n * N, D]
+    back = dispatch.gather_rows(ys, src_row, row_src[:, None])  # [R, D] -> [slots, D]
     if exchange == "ragged":
-        home = jax.lax.all_to_all(starts, axis, 0, 0, tiled=True)  # [n]: where source j wants its rows
-        outputs = jax.lax.ragged_all_to_all(  # [n * N, D] -> [N, D]
-            back, jnp.zeros_like(rows), jnp.arange(n, dtype=jnp.int32) * N, recv_sizes, home,
-            send_sizes, axis_name=axis)
+        outputs = jax.lax.ragged_all_to_all(  # [M, D] -> [N, D]; rows not taken stay 0
+            back, jnp.zeros_like(rows), block_start, accepted,
+            jax.lax.all_to_all(starts, axis, 0, 0, tiled=True), taken, axis_name=axis)
     else:
         returned = jax.lax.all_to_all(back.reshape(n, N, -1), axis, 0, 0, tiled=True)  # [n, N, D]
         outputs = dispatch.gather_rows(returned.reshape(n * N, -1), row_slot, slot_row[:, None])  # [N, D]
-    return dispatch.dropless_combine(outputs, ctx)
+    return dispatch.dropless_combine(outputs, ctx), dropped
+
+
+def receive_rows(N: int, n: int, buffer_factor: float) -> int:
+    """Rows of one device's receive buffer: n * N (all rows of all n devices: nothing dropped), or
+    buffer_factor x its own N, a multiple of 8, when that is less."""
+    if buffer_factor <= 0:
+        return n * N
+    return min(n * N, -(-math.ceil(buffer_factor * N) // 8) * 8)
 
 
 def _local_experts(x, choices: _Choices, ffn, axis: str, n: int, backend: str):
@@ -158,12 +180,12 @@ def _padded_maps(send_sizes, starts, N: int, n: int):
     return slot_row, row_slot
 
 
-def _regroup(recv_counts, N: int, lay: grouped.Layout):
-    """Received slot p = i * N + r (source i) <-> row of the expert-grouped layout `lay`.
+def _regroup(recv_counts, block_start, slots: int, lay: grouped.Layout):
+    """Received slot p (source i's block from block_start[i]) <-> row of the expert-grouped layout.
 
-    recv_counts int32 [n, E']: rows from source i for local expert e, in source-major, then
-    expert order. Returns (row_src [R], n * N for padding rows; src_row [n * N], R for empty slots;
-    group_sizes [E'], padded to lay.align)."""
+    recv_counts int32 [n, E']: rows taken from source i for local expert e, in source-major, then
+    expert order; slots: the receive buffer's length. Returns (row_src [R], `slots` for padding
+    rows; src_row [slots], R for empty slots; group_sizes [E'], padded to lay.align)."""
     n, El = recv_counts.shape
     R = lay.rows
     totals = jnp.sum(recv_counts, axis=0)  # [E']
@@ -173,9 +195,10 @@ def _regroup(recv_counts, N: int, lay: grouped.Layout):
     before = jnp.cumsum(recv_counts, axis=0)  # [n, E']: e's rows from sources <= i
     earlier = before - recv_counts  # [n, E']: from sources < i
     # slot -> row
-    slot = jnp.arange(n * N)
-    i, r = slot // N, slot % N
-    e = jnp.minimum(jnp.sum(r[:, None] >= (in_block + recv_counts)[i], axis=1), El - 1)  # [n * N]
+    slot = jnp.arange(slots)
+    i = jnp.maximum(jnp.searchsorted(block_start, slot, side="right") - 1, 0)  # [slots]
+    r = slot - block_start[i]
+    e = jnp.minimum(jnp.sum(r[:, None] >= (in_block + recv_counts)[i], axis=1), El - 1)  # [slots]
     real = r < jnp.sum(recv_counts, axis=1)[i]
     src_row = jnp.where(real, first_row[e] + earlier[i, e] + r - in_block[i, e], R)
     # row -> slot
@@ -183,5 +206,5 @@ def _regroup(recv_counts, N: int, lay: grouped.Layout):
     e_q = jnp.minimum(jnp.searchsorted(first_row + sizes, row, side="right"), El - 1)  # [R]
     rank = row - first_row[e_q]
     i_q = jnp.minimum(jnp.sum(rank[:, None] >= before.T[e_q], axis=1), n - 1)  # [R]
-    row_src = jnp.where(rank < totals[e_q], i_q * N + in_block[i_q, e_q] + rank - earlier[i_q, e_q], n * N)
-    return row_src, src_row, sizes
+    slot_q = block_start[i_q] + in_block[i_q, e_q] + rank - earlier[i_q, e_q]
+    return jnp.where(rank < totals[e_q], slot_q, slots), src_row, sizes

@@ -82,16 +82,26 @@ def matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, lay: Layout) -> j
     R = x.shape[0]
     valid = (jnp.arange(R) < jnp.sum(group_sizes))[:, None]  # [R, 1]
     if lay.backend == "megablox":
-        interpret = sharding.target_platform() != "tpu"
-        tiling = megablox_tiling(R, w.shape[1], w.shape[2])
-        y = megablox.gmm(jnp.where(valid, x, 0), w, group_sizes, x.dtype, tiling, None, None, False,
-                         interpret)  # [R, N]; rows past the groups unwritten
-        return jnp.where(valid, y, 0)
+        return jnp.where(valid, _megablox(jnp.where(valid, x, 0), w, group_sizes), 0)
     if lay.backend == "ragged_dot":
         return jax.lax.ragged_dot(x, w, group_sizes)  # [R, N], zero past the groups
     if lay.backend == "blocks":
         return _blocks(x, w, group_sizes, valid, lay.align)
     raise ValueError(f"unknown grouped matmul backend {lay.backend!r}; one of {BACKENDS}")
+
+
+def _megablox(x: jax.Array, w: jax.Array, group_sizes: jax.Array) -> jax.Array:
+    """gmm, K and N zero-padded to multiples of 256 when no tile of TILE_KN divides both (gpt-oss's
+    2880: a whole-width tile overflows VMEM). Rows past the groups come out unwritten."""
+    K, N = w.shape[1:]
+    if math.gcd(K, N) % TILE_KN[-1]:
+        Kp, Np = _round_up(K, 256), _round_up(N, 256)
+        x = jnp.pad(x, ((0, 0), (0, Kp - K)))  # [R, K] -> [R, Kp]
+        w = jnp.pad(w, ((0, 0), (0, Kp - K), (0, Np - N)))  # [E, K, N] -> [E, Kp, Np]
+    interpret = sharding.target_platform() != "tpu"
+    tiling = megablox_tiling(x.shape[0], w.shape[1], w.shape[2])
+    y = megablox.gmm(x, w, group_sizes, x.dtype, tiling, None, None, False, interpret)  # [R, Np]
+    return y[:, :N]
 
 
 def _blocks(x: jax.Array, w: jax.Array, group_sizes: jax.Array, valid: jax.Array, b: int) -> jax.Array:

@@ -63,6 +63,11 @@ class MoEConfig:
     dispatch: str = "auto"
     # dispatch 'dropless': the grouped matmul's backend (moe_jax/grouped.py); 'auto' by platform.
     grouped_matmul: str = "auto"
+    # Expert-parallel dropless (moe_jax/expert_parallel.py): each device's receive buffer as a multiple
+    # of its own rows (tokens x k); rows past it are dropped (statistic ep_dropped_fraction). 0: room
+    # for every row of every device of the expert axis, so nothing is dropped, at that many times the
+    # memory and, on the TPU cost model, the grouped kernel's declared cost.
+    ep_buffer_factor: float = 0.0
     expert_dropout: float = 0.0
     num_shared_experts: int = 0  # DeepSeekMoE always-on experts, each of width d_ff
     expert_bias: bool = False  # biases on the routed experts' input and output matmuls (gpt-oss)
@@ -82,7 +87,7 @@ class MoEConfig:
                            ("num_shared_experts", 0)):
             validation.integer("moe", field, getattr(self, field), low)
         for field in ("train_capacity_factor", "eval_capacity_factor", "router_init_scale", "jitter_eps",
-                      "bias_update_rate", "routed_scaling_factor", "expert_dropout"):
+                      "bias_update_rate", "routed_scaling_factor", "expert_dropout", "ep_buffer_factor"):
             validation.number("moe", field, getattr(self, field))
         if not 0 <= self.expert_dropout < 1 or not 0 <= self.jitter_eps < 1:
             raise ValueError(f"moe.expert_dropout and moe.jitter_eps must be in [0, 1), "
@@ -93,11 +98,23 @@ class MoEConfig:
                              + (f"supports {kind.dispatches}" if kind.dispatches
                                 else "mixes the experts itself")
                              + ": choose one of them or 'auto'")
+        self._check_ep_buffer_factor(kind)
         if self.grouped_matmul != "auto" and self.dispatch not in ("auto", "dropless"):
             raise ValueError(f"moe.grouped_matmul={self.grouped_matmul!r} applies to dispatch 'dropless' "
                              f"only, not moe.dispatch={self.dispatch!r}: leave it at 'auto'")
         self._check_expert_capacity(kind)
         kind.validate(self)
+
+    def _check_ep_buffer_factor(self, kind: routers.RouterKind) -> None:
+        if not self.ep_buffer_factor:
+            return
+        no_capacity = self.train_capacity_factor <= 0 and self.eval_capacity_factor <= 0
+        dropless = self.dispatch == "dropless" or (self.dispatch == "auto" and no_capacity)
+        if self.ep_buffer_factor < 1 or not dropless or "dropless" not in kind.dispatches:
+            raise ValueError(f"moe.ep_buffer_factor={self.ep_buffer_factor} sizes the receive buffers of "
+                             "expert-parallel dropless dispatch: it must be 0 (no drops) or >= 1, with "
+                             "moe.dispatch='dropless' (or 'auto' and both capacity factors <= 0) and a "
+                             "router that supports it")
 
     def _check_expert_capacity(self, kind: routers.RouterKind) -> None:
         if not self.expert_capacity:

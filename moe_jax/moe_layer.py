@@ -91,14 +91,18 @@ class MoELayer(nnx.Module):
         groups = sharding.constrain(x.reshape(G, S, D), ("batch", None, "embed"))  # [B, L, D] -> [G, S, D]
         capacity = None if dropless else self.capacity(S)
         decision = self.router(groups, capacity=capacity, train=not self.deterministic)
+        stats = decision.stats()
         if self.router.kind.own_path:
             y = self.router.kind.mix(groups, decision, self.experts)
+        elif self.dispatch_for(capacity) == "dropless" and sharding.expert_axis() is not None:
+            y, stats["ep_dropped_fraction"] = expert_parallel.dropless(
+                groups, decision, self.experts, self.cfg.grouped_matmul, self.cfg.ep_buffer_factor)
         else:
             y = self._dispatched(groups, decision, self.dispatch_for(capacity))
         y = y.reshape(B, L, D).astype(self.dtype)
         if self.shared is not None:
             y = y + self.shared(x)
-        return y, MoEAux(balance_loss=decision.balance_loss, z_loss=decision.z_loss, stats=decision.stats())
+        return y, MoEAux(balance_loss=decision.balance_loss, z_loss=decision.z_loss, stats=stats)
 
     def dispatch_for(self, capacity: int | None) -> str:
         """The dispatch strategy this call uses (moe.dispatch, or 'auto' resolved at trace time)."""
@@ -110,8 +114,6 @@ class MoELayer(nnx.Module):
 
     def _dispatched(self, groups: jax.Array, decision, strategy: str) -> jax.Array:
         """groups [G, S, D] -> [G, S, D] through the experts by `strategy`."""
-        if strategy == "dropless" and sharding.expert_axis() is not None:
-            return expert_parallel.dropless(groups, decision, self.experts, self.cfg.grouped_matmul)
         if strategy == "dropless":
             G, S, _ = groups.shape
             lay = grouped.plan(self.cfg.grouped_matmul, G * S * decision.position.shape[-1],

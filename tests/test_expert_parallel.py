@@ -22,23 +22,34 @@ def receipts(draw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(receipts(), st.sampled_from(["blocks", "ragged_dot"]))
-def test_regroup_is_a_bijection_grouping_rows_by_expert(case, backend):
+@given(receipts(), st.sampled_from(["blocks", "ragged_dot"]), st.booleans())
+def test_regroup_is_a_bijection_grouping_rows_by_expert(case, backend, compact):
+    """Blocks of N slots per source (the padded exchange) or back to back (the ragged one)."""
     counts, N = case
     n, El = counts.shape
-    lay = grouped.plan(backend, n * N, El)
-    row_src, src_row, sizes = map(np.asarray, expert_parallel._regroup(counts, N, lay))
+    per_source = counts.sum(1)
+    starts = np.cumsum(per_source) - per_source if compact else np.arange(n) * N
+    slots = int(per_source.sum()) if compact else n * N
+    lay = grouped.plan(backend, max(slots, 1), El)
+    row_src, src_row, sizes = map(np.asarray, expert_parallel._regroup(counts, starts.astype(np.int32),
+                                                                       slots, lay))
     assert (sizes >= counts.sum(0)).all() and (sizes % lay.align == 0).all() and sizes.sum() <= lay.rows
-    real_slots = [i * N + r for i in range(n) for r in range(counts[i].sum())]
+    real_slots = [starts[i] + r for i in range(n) for r in range(per_source[i])]
     assert sorted(src_row[real_slots]) == sorted(set(src_row[real_slots]))  # one row per slot
-    assert (src_row[[s for s in range(n * N) if s not in real_slots]] == lay.rows).all()
+    assert (src_row[[s for s in range(slots) if s not in real_slots]] == lay.rows).all()
     np.testing.assert_array_equal(row_src[src_row[real_slots]], real_slots)
-    assert (row_src >= n * N).sum() == lay.rows - len(real_slots)  # every other row is padding
+    assert (row_src >= slots).sum() == lay.rows - len(real_slots)  # every other row is padding
     # expert e's rows: from source 0, then 1, ..., in each source's order
     first = np.cumsum(sizes) - sizes
     for e in range(El):
-        expected = [i * N + counts[i, :e].sum() + r for i in range(n) for r in range(counts[i, e])]
+        expected = [starts[i] + counts[i, :e].sum() + r for i in range(n) for r in range(counts[i, e])]
         np.testing.assert_array_equal(row_src[first[e]:first[e] + len(expected)], expected)
+
+
+def test_receive_buffer_rows():
+    assert expert_parallel.receive_rows(100, 4, 0.0) == 400  # all rows of all devices
+    assert expert_parallel.receive_rows(100, 4, 1.25) == 128  # 125, to a multiple of 8
+    assert expert_parallel.receive_rows(100, 4, 8.0) == 400  # never more than all of them
 
 
 @settings(max_examples=40, deadline=None)

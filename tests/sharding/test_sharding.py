@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moe_jax import MoEConfig, MoELayer, aot, configuration, sharding
+from moe_jax import MoEConfig, MoELayer, aot, configuration, expert_parallel, sharding
 from moe_jax.checkpoints import Checkpointer
 from moe_jax.models import generate
 from moe_jax.trainer import Trainer
@@ -153,6 +153,37 @@ def test_expert_parallel_dropless_layer_equals_one_device(batch, mesh_shape):
     np.testing.assert_allclose(y_mesh, y, rtol=1e-5, atol=1e-5)
     for a, b in zip(jax.tree.leaves(g_mesh), jax.tree.leaves(g)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("factor", [8.0, 1.0])
+def test_receive_buffer_factor_drops_what_overflows_and_counts_it(factor):
+    """moe.ep_buffer_factor on (1, 8, 1), one group per device: with room for 8x a device's own rows
+    nothing is dropped and the layer equals one device; with 1x the overflow of each device's buffer
+    is dropped, and ep_dropped_fraction is that overflow, counted here from the routing itself."""
+    cfg = MoEConfig(num_experts=8, k=2, d_ff=32, activation="swiglu", train_capacity_factor=0.0,
+                    eval_capacity_factor=0.0, ep_buffer_factor=factor)
+    x = jax.random.normal(jax.random.key(1), (8, 16, 16))
+    layer = perturbed_layer(cfg)
+    y, _ = layer(x)
+    mesh = sharding.make_mesh((1, 8, 1))
+
+    @nnx.jit
+    def on_mesh(layer, x):
+        with sharding.use_mesh(mesh, sharding.rules_dict(sharding.DEFAULT_RULES)):
+            return layer(x)
+    y_mesh, aux = on_mesh(perturbed_layer(cfg), x)
+    choice = np.asarray(layer.router(x, capacity=None, train=True).expert_index)  # [G, S, K]
+    received = np.bincount(choice.reshape(-1), minlength=8)  # one expert per device
+    buffer = expert_parallel.receive_rows(16 * 2, 8, factor)
+    expected = np.maximum(received - buffer, 0).sum() / choice.size
+    np.testing.assert_allclose(float(aux.stats["ep_dropped_fraction"]), expected, rtol=1e-6)
+    if factor == 8.0:
+        assert expected == 0
+        np.testing.assert_allclose(y_mesh, y, rtol=1e-5, atol=1e-5)
+    else:
+        assert expected > 0
+        # a token none of whose choices was dropped comes out as on one device
+        assert np.isclose(np.asarray(y_mesh), np.asarray(y), rtol=1e-5, atol=1e-5).all(-1).mean() > 0.5
 
 
 def test_checkpoint_restores_on_another_mesh(tmp_path):
