@@ -96,11 +96,8 @@ def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str, buf
 
 def _width_axis(mesh, rules, expert_axis: str, d_ff: int) -> str | None:
     """The mesh axis the experts' F ('mlp') splits over, if any (as sharding.mesh_spec splits it)."""
-    axis = rules.get("mlp")
-    axis = axis[0] if isinstance(axis, tuple) and len(axis) == 1 else axis
-    if not isinstance(axis, str) or axis == expert_axis or mesh.shape[axis] == 1 or d_ff % mesh.shape[axis]:
-        return None
-    return axis
+    axis = sharding.one_axis("mlp", mesh, rules)
+    return None if axis is None or axis == expert_axis or d_ff % mesh.shape[axis] else axis
 
 
 def _shard_layer(x, choices: _Choices, ffn, axis: str, n: int, backend: str, exchange: str,

@@ -92,13 +92,14 @@ class MoELayer(nnx.Module):
         capacity = None if dropless else self.capacity(S)
         decision = self.router(groups, capacity=capacity, train=not self.deterministic)
         stats = decision.stats()
-        if self.router.kind.own_path:
+        strategy = None if self.router.kind.own_path else self.dispatch_for(capacity)
+        if strategy is None:
             y = self.router.kind.mix(groups, decision, self.experts)
-        elif self.dispatch_for(capacity) == "dropless" and sharding.expert_axis() is not None:
+        elif strategy == "dropless" and sharding.expert_axis() is not None:
             y, stats["ep_dropped_fraction"] = expert_parallel.dropless(
                 groups, decision, self.experts, self.cfg.grouped_matmul, self.cfg.ep_buffer_factor)
         else:
-            y = self._dispatched(groups, decision, self.dispatch_for(capacity))
+            y = self._dispatched(groups, decision, strategy)
         y = y.reshape(B, L, D).astype(self.dtype)
         if self.shared is not None:
             y = y + self.shared(x)

@@ -138,6 +138,13 @@ def compiling_for(platform: str):
         _PLATFORM.reset(token)
 
 
+def one_axis(logical: str, mesh: Mesh, rules: dict) -> str | None:
+    """The mesh axis a logical name maps to, when it is one axis of more than one device."""
+    axis = rules.get(logical)
+    axis = axis[0] if isinstance(axis, tuple) and len(axis) == 1 else axis
+    return axis if isinstance(axis, str) and mesh.shape[axis] > 1 else None
+
+
 def expert_axis() -> tuple[Mesh, dict, str] | None:
     """(mesh, rules, mesh axis) when tracing under a mesh whose 'expert' rule names one mesh axis of
     more than one device (expert parallelism), else None."""
@@ -145,11 +152,8 @@ def expert_axis() -> tuple[Mesh, dict, str] | None:
     if active is None:
         return None
     mesh, rules = active
-    axis = rules.get("expert")
-    axis = axis[0] if isinstance(axis, tuple) and len(axis) == 1 else axis
-    if not isinstance(axis, str) or mesh.shape[axis] == 1:
-        return None
-    return mesh, rules, axis
+    axis = one_axis("expert", mesh, rules)
+    return None if axis is None else (mesh, rules, axis)
 
 
 def target_platform() -> str:
