@@ -8,6 +8,8 @@ import io
 import json
 import os
 import pathlib
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -367,3 +369,28 @@ def test_a_config_missing_a_data_field_is_refused_naming_it():
     del config.data["noise_density"]
     with pytest.raises(configuration.ConfigError, match="config.data has no field 'noise_density'"):
         configuration.validate(config)
+
+
+def test_one_builder_at_a_time_serializes_preparation_of_one_directory(tmp_path):
+    """Two runs started together (threads here, each with its own lock file handle, as processes
+    have) never prepare one builder directory at once; two directories do not wait for each other."""
+    inside, overlaps = [], []
+
+    def prepare(data_dir):
+        with corpus._one_builder_at_a_time(data_dir):
+            inside.append(data_dir)
+            overlaps.append(inside.count(data_dir) > 1)
+            time.sleep(0.2)
+            inside.remove(data_dir)
+    same = [threading.Thread(target=prepare, args=(str(tmp_path / "a"),)) for _ in range(3)]
+    for t in same:
+        t.start()
+    for t in same:
+        t.join()
+    assert overlaps == [False, False, False]
+    overlaps.clear()
+    with corpus._one_builder_at_a_time(str(tmp_path / "a")):  # held: another directory goes ahead
+        other = threading.Thread(target=prepare, args=(str(tmp_path / "b"),))
+        other.start()
+        other.join(timeout=5)
+        assert not other.is_alive() and overlaps == [False]
