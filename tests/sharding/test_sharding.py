@@ -186,6 +186,20 @@ def test_receive_buffer_factor_drops_what_overflows_and_counts_it(factor):
         assert np.isclose(np.asarray(y_mesh), np.asarray(y), rtol=1e-5, atol=1e-5).all(-1).mean() > 0.5
 
 
+@pytest.mark.parametrize("name", ["deepseek_v3.py:tiny", "gpt_oss_20b.py:tiny"])
+def test_frontier_tiny_configs_on_the_mesh_equal_one_device(name):
+    """Latent attention, sigmoid group-limited routing and shared experts (V3); sinks, banded layers,
+    biased clamped experts (gpt-oss): dropless and expert-parallel on (1, 4, 2), as on one device."""
+    config = configuration.load(f"configs/{name}")
+    config.batch_size, config.seq_len = 8, 8
+    config.mesh_shape = (1, 4, 2)
+    loss, grads = loss_and_grads(config, (1, 1, 1))
+    s_loss, s_grads = loss_and_grads(config, (1, 4, 2))
+    np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_checkpoint_restores_on_another_mesh(tmp_path):
     """Written with experts over 8 devices, read back with them over 2 (and data over 4)."""
     config = config_for("top1", 8, (1, 8, 1))
