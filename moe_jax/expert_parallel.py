@@ -4,18 +4,19 @@ capacity, each shard running MegaBlocks' grouped matmul (Gale et al. 2022) on th
 Under a mesh whose 'expert' rule names one mesh axis of n > 1 devices, each device holds E / n
 experts and a 1 / n share of the routing groups. Inside `jax.shard_map` every device
 1. sorts its own assignments by expert (dispatch.dropless_dispatch): rows [N, D];
-2. sends device j the rows of j's experts (contiguous, as the experts of a device are). Source i's
-   rows land at [i * N, i * N + count) of a [n * N, D] receive buffer, the most one device can get,
-   so nothing is dropped. 'ragged' exchange (`jax.lax.ragged_all_to_all`, TPU and GPU) moves only
-   those rows; 'padded' (XLA:CPU, which has no ragged all-to-all) an `all_to_all` of [n, N, D]
-   zero-padded blocks into the same layout;
+2. sends device j the rows of j's experts (contiguous, as the experts of a device are), into a
+   receive buffer of M rows: n * N by default, the most one device can get, so nothing is dropped;
+   moe.ep_buffer_factor makes M smaller, each device then taking the first M rows in source order
+   and dropping the rest. 'ragged' exchange (`jax.lax.ragged_all_to_all`, TPU and GPU) moves only
+   the rows taken, sources back to back; 'padded' (XLA:CPU, which has no ragged all-to-all) an
+   `all_to_all` of [n, N, D] zero-padded blocks, ignoring the rows not taken;
 3. regroups the received rows by local expert (a gather; its gradient is the inverse gather) for
    moe_jax.grouped.matmul, and runs the experts;
 4. undoes 3 and 2 and combines its own tokens' outputs with their weights.
 Expert weights stay in their shards: E over 'expert' and, where the rules split F ('mlp') over a
 mesh axis, F too, the output projection then summed over that axis (Megatron-style, Shoeybi et al.
-2019). The grouped matmul sees the worst-case n * N rows: megablox visits only the tiles of real
-rows, but its declared cost (the TPU cost model's figure) counts all of them.
+2019). The grouped matmul sees all M rows: megablox visits only the tiles of real rows, but its
+declared cost (the TPU cost model's figure) counts every one.
 """
 from __future__ import annotations
 
@@ -30,9 +31,6 @@ from jax.sharding import PartitionSpec
 
 from moe_jax import dispatch, grouped, sharding
 
-EXCHANGES = ("ragged", "padded")
-
-
 class _Choices(NamedTuple):
     """The token-choice fields dropless_dispatch reads, for one shard's groups."""
     expert_index: jax.Array  # int32 [G, S, K]
@@ -43,6 +41,7 @@ class _Choices(NamedTuple):
 
 
 def exchange_for(platform: str) -> str:
+    """'ragged' (ragged_all_to_all) or 'padded' (all_to_all of zero-padded blocks) for a platform."""
     return "padded" if platform == "cpu" else "ragged"
 
 
@@ -111,8 +110,9 @@ def _shard_layer(x, choices: _Choices, ffn, axis: str, n: int, backend: str, exc
     starts = jnp.cumsum(send_sizes) - send_sizes  # [n]: where my rows for device j begin
     # [n, E/n]: the rows each source offers me, per local expert; I take the first M in source order
     offered = jax.lax.all_to_all(per_device, axis, 0, 0, tiled=True)
-    before = jnp.cumsum(jnp.sum(offered, axis=1)) - jnp.sum(offered, axis=1)  # [n]
-    accepted = jnp.clip(M - before, 0, jnp.sum(offered, axis=1))  # [n]
+    offered_sizes = jnp.sum(offered, axis=1)  # [n]
+    before = jnp.cumsum(offered_sizes) - offered_sizes  # [n]
+    accepted = jnp.clip(M - before, 0, offered_sizes)  # [n]
     in_block = jnp.cumsum(offered, axis=1) - offered  # [n, E/n]
     recv_counts = jnp.clip(accepted[:, None] - in_block, 0, offered)  # [n, E/n]
     dropped = jnp.sum(offered) - jnp.sum(accepted)
