@@ -85,7 +85,8 @@ def points() -> list[dict]:
             rows_per_expert=_F.tokens * k // E, n_mats=n_mats, itemsize=2, peaks=peaks)
         buffer = _F.ep_buffer_factor if strategy == "dropless" else 0.0
         cfg = MoEConfig(num_experts=E, k=k, d_ff=_F.d_ff, activation=act, dispatch=strategy,
-                        train_capacity_factor=cf, eval_capacity_factor=cf if cf <= 0 else 2.0, group_size=S,
+                        train_capacity_factor=cf, group_size=S,
+                        eval_capacity_factor=cf if cf <= 0 else MoEConfig.eval_capacity_factor,
                         ep_buffer_factor=buffer)
         layer = nnx.eval_shape(lambda: MoELayer(cfg, _F.d_model, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
         rec = dict(topology=_F.topology, chips=n, dispatch=strategy, num_experts=E, k=k, capacity_factor=cf,
