@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     # model's logical axis names to mesh axes (see moe_jax/sharding.py).
     config.mesh_shape = (-1, 1, 1)
     config.logical_axis_rules = sharding.DEFAULT_RULES
+    # Also split every weight's d_model axis over the batch's mesh axes (data x expert): ZeRO-3 /
+    # FSDP. Weights outside the experts are otherwise copied on every data and expert shard.
+    config.fsdp = False
     return config
 
 

@@ -156,8 +156,9 @@ def format_report(r: dict) -> str:
              f"  code              {gib(r['code_bytes'])}",
              f"  peak (args + outputs - donated + temps + code) {gib(r['peak_bytes'])} "
              f"of {gib(r['hbm_bytes'])} HBM ({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%)",
-             f"compiler cost estimate per device: {r['flops_per_device'] / 1e12:.3f} TFLOPs, "
-             f"{r['bytes_accessed_per_device'] / GIB:.2f} GiB accessed per step",
+             f"compiler cost estimate per device, loop bodies counted once (one unit of a scanned stack, "
+             f"one micro-batch): {r['flops_per_device'] / 1e12:.3f} TFLOPs, "
+             f"{r['bytes_accessed_per_device'] / GIB:.2f} GiB accessed",
              "collectives in the step: "
              + (", ".join(f"{op} x{n}" for op, n in r["collectives"].items()) or "none")]
     return "\n".join(lines)
@@ -183,7 +184,8 @@ def main(argv):
         over = ("" if "peak_bytes" not in report
                 else f" needs {(report['peak_bytes'] - report['hbm_bytes']) / GIB:.2f} GiB more than "
                      "a device's HBM and")
-        sys.exit(f"error: the step{over} does not fit: shard more (config.mesh_shape), "
+        fsdp = "" if _FLAGS.config.fsdp else "set config.fsdp=True (every weight over every device), "
+        sys.exit(f"error: the step{over} does not fit: shard more (config.mesh_shape), {fsdp}"
                  "lower config.batch_size, raise config.grad_accum_steps, "
                  "or set config.model.remat='minimal' or 'full'")
 

@@ -33,7 +33,8 @@ charge to whichever config comes first.
 
 --topology (a Cloud TPU accelerator type; libtpu, `pip install -e .[tpu]`): compile for one chip
 (layer) or the whole slice (train) instead of running, and report the TPU compiler's estimate against
-the dense twin (or --baseline) and, per layer point, the chip's roofline (moe_jax.cost_model).
+the dense twin (or --baseline) and, per layer point, the chip's roofline (moe_jax.cost_model);
+train: the stacks unrolled (cost analysis counts a loop body once), FLOPs over the accounting's.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
     JAX_PLATFORMS=cpu python -m moe_jax.bench_mesh --topology=v5e-4 --tokens=32768 --experts=8,32,128 \\
         --k=2 --capacity_factor=0 --group_size=512 --activation=swiglu --d_model=768 --d_ff=3072
 
-takes the flags of `moe_jax.bench layer`. Per point: the compiler's estimate for one chip of the
-mesh (`optimal_seconds`, ConcatBitcasts added back; collectives carry no inter-chip time), the dense
+takes the flags of `moe_jax.bench layer`. Per point: the compiler's estimate for one chip of the mesh
+(`optimal_seconds`, uncosted custom calls added back; collectives carry no inter-chip time), the dense
 twin's (width F x k, batch split over the chips, weights replicated), their ratio, the per-chip
 roofline floor (T / n tokens through the router, E / n experts of T k / E rows each, four token
 moves) and the cross-chip operations the compiled program holds. A point that does not fit a chip's

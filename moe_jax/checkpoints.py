@@ -23,7 +23,8 @@ from moe_jax import paths, validation
 # Fields a resumed run may change: how long and how often, never what is trained or on what.
 # The mesh only places the same computation on devices, so a run may resume on another one.
 RUN_CONTROL_FIELDS = ("num_train_steps", "eval_every_steps", "num_eval_steps", "checkpoint_every_steps",
-                      "log_every_steps", "keep_checkpoints", "mesh_shape", "logical_axis_rules")
+                      "log_every_steps", "keep_checkpoints", "mesh_shape", "logical_axis_rules",
+                      "fsdp")
 
 
 class CheckpointError(RuntimeError):

@@ -158,7 +158,7 @@ TOP_LEVEL_FIELDS: dict[str, type | tuple[type, ...]] = {
     "keep_checkpoints": int, "optimizer": str, "learning_rate": float, "warmup_steps": int, "schedule": str,
     "weight_decay": float, "grad_clip_norm": float, "grad_accum_steps": int, "balance_loss_weight": float,
     "z_loss_weight": float, "model": ml_collections.ConfigDict, "moe": ml_collections.ConfigDict,
-    "data": ml_collections.ConfigDict, "mesh_shape": tuple, "logical_axis_rules": tuple,
+    "data": ml_collections.ConfigDict, "mesh_shape": tuple, "logical_axis_rules": tuple, "fsdp": bool,
     "init_from": str, "upcycle_noise": float,
 }
 POSITIVE = ("num_train_steps", "batch_size", "seq_len", "eval_every_steps", "num_eval_steps",

@@ -4,7 +4,8 @@ read the compiler's time estimate, and set it against a roofline floor of the Mo
 (Williams, Waterman and Patterson 2009, "Roofline"; the layer is GShard's, Lepikhin et al. 2020).
 
 Caveats of the estimate (libtpu 0.0.42, jax 0.10.2): each ConcatBitcast custom call the compiler
-inserts lowers `optimal_seconds` by exactly 1 s, so their count is added back; Pallas kernels are
+inserts, and each PrepareAsyncCallStart and PrepareAsyncCallDone (multi-chip programs), lowers
+`optimal_seconds` by exactly 1 s, so their count is added back; Pallas kernels are
 costed only by their declared pl.CostEstimate; collectives carry no inter-chip time.
 
 Roofline of one forward + backward: every matmul (C[M, N] = A[M, K] B[K, N], and the backward's
@@ -22,14 +23,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-from moe_jax import aot, configuration, sharding
+from moe_jax import accounting, aot, configuration, sharding
 
 # Google's published per-chip figures (cloud.google.com/tpu/docs/v4, v5e, v5p, v6e): peak dense
 # bfloat16 FLOP/s and HBM bytes/s. A JAX device is one chip (v4 and v5p: both TensorCores, megacore).
 CHIP_PEAKS = {"v4": (275e12, 1200e9), "v5e": (197e12, 819e9), "v5p": (459e12, 2765e9),
               "v6e": (918e12, 1640e9)}
 INSTALL = "pip install -e .[tpu]"
-CONCAT_BITCAST = re.compile(r'custom_call_target="ConcatBitcast"')
+# Custom calls the compiler inserts and its cost model cannot cost: each lowers optimal_seconds by 1 s.
+UNCOSTED = re.compile(r'custom_call_target="(?:ConcatBitcast|PrepareAsyncCallStart|PrepareAsyncCallDone)"')
 
 
 def tpu_devices(accelerator_type: str) -> list:
@@ -51,18 +53,19 @@ def chip_peaks(accelerator_type: str) -> tuple[float, float]:
     return CHIP_PEAKS[aot.parse_accelerator_type(accelerator_type)[0].split(":")[0]]
 
 
-def concat_bitcasts(hlo_text: str) -> int:
-    """How many ConcatBitcast custom calls the compiled program holds (each costs -1 s of estimate)."""
-    return len(CONCAT_BITCAST.findall(hlo_text))
+def uncosted_calls(hlo_text: str) -> int:
+    """How many ConcatBitcast and PrepareAsyncCall{Start,Done} custom calls the compiled program holds
+    (each costs -1 s of estimate)."""
+    return len(UNCOSTED.findall(hlo_text))
 
 
 def estimate(compiled) -> dict:
-    """The compiler's cost analysis of a compiled program, its time corrected for ConcatBitcasts."""
+    """The compiler's cost analysis of a compiled program, its time corrected for uncosted calls."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    n = concat_bitcasts(compiled.as_text())
+    n = uncosted_calls(compiled.as_text())
     return dict(est_ms=1e3 * (cost["optimal_seconds"] + n), flops=float(cost["flops"]),
-                bytes_accessed=float(cost["bytes accessed"]), concat_bitcasts=n)
+                bytes_accessed=float(cost["bytes accessed"]), uncosted_calls=n)
 
 
 def compile_on(jitted, args, device):
@@ -138,36 +141,55 @@ def layer_point(rec: dict, program, dense: dict, accelerator_type: str, rows_per
 
 
 def train_step_estimate(config, accelerator_type: str) -> dict:
-    """Compile config's train step for the topology (its mesh over all chips): the per-device estimate."""
+    """Compile config's train step for the topology (its mesh over all chips): the per-device estimate.
+
+    XLA's cost analysis counts a loop's body once, so the layer stacks are unrolled here
+    (model.scan_layers=False: the same computation) and gradient accumulation is refused."""
     from moe_jax.trainer import Trainer  # noqa: PLC0415
 
+    if config.grad_accum_steps != 1:
+        raise ValueError(f"config.grad_accum_steps={config.grad_accum_steps}: the cost model counts the "
+                         "accumulation loop's body once; set --config.grad_accum_steps=1 (and lower "
+                         "--config.batch_size to one micro-batch if it does not fit)")
+    config = config.copy_and_resolve_references()
+    config.model.scan_layers = False
     devices = tpu_devices(accelerator_type)
     trainer = Trainer(config, configuration.validate(config),
                       mesh=sharding.make_mesh(config.mesh_shape, devices))
     start = time.perf_counter()
     compiled = trainer.jit_train_step().lower(trainer.abstract_sharded_state(),
                                               aot.abstract_batch(trainer, config)).compile()
+    est = estimate(compiled)
+    # The accounting's model FLOPs of the step (3x the forward's, active experts only) per device:
+    # the compiler's count over it is the padding and recomputation (remat) the program adds.
+    model_flops = accounting.account_config(config).training_flops_per_example * config.batch_size
     return dict(topology=accelerator_type, devices=len(devices), compile_s=time.perf_counter() - start,
-                **estimate(compiled))
+                **est, examples_per_s=config.batch_size / (est["est_ms"] / 1e3),
+                model_flops=model_flops / len(devices),
+                flops_over_model=est["flops"] * len(devices) / model_flops)
 
 
 def train_records(named_configs: list, accelerator_type: str) -> list[dict]:
-    """One record per (name, config), then with two configs their est_ms ratio."""
+    """One record per (name, config), then with two configs their est_ms and examples/s ratios."""
     records = [dict(config=name, **train_step_estimate(config, accelerator_type))
                for name, config in named_configs]
     if len(records) == 2:
         a, b = records
         records.append({"config": a["config"], "baseline": b["config"],
-                        "est_ms_ratio": a["est_ms"] / b["est_ms"]})
+                        "est_ms_ratio": a["est_ms"] / b["est_ms"],
+                        "examples_per_s_ratio": a["examples_per_s"] / b["examples_per_s"]})
     return records
 
 
 def train_line(r: dict) -> str:
     if "est_ms_ratio" in r:
-        return f"{r['config']} / {r['baseline']}: est_ms_ratio {r['est_ms_ratio']:.3f}"
+        return (f"{r['config']} / {r['baseline']}: est_ms_ratio {r['est_ms_ratio']:.3f}, "
+                f"examples/s ratio {r['examples_per_s_ratio']:.3f}")
     return (f"{r['config']}: TPU cost model, {r['topology']} ({r['devices']} chips), compile "
-            f"{r['compile_s']:.1f} s, per device: est {r['est_ms']:.3f} ms, {r['flops'] / 1e12:.3f} TFLOP, "
-            f"{r['bytes_accessed'] / 1e9:.2f} GB accessed")
+            f"{r['compile_s']:.1f} s, {r['examples_per_s']:,.1f} examples/s; per device: est "
+            f"{r['est_ms']:.3f} ms, {r['flops'] / 1e12:.3f} TFLOP, "
+            f"{r['bytes_accessed'] / 1e9:.2f} GB accessed, {r['flops_over_model']:.3f}x the accounting's "
+            f"{r['model_flops'] / 1e12:.3f} TFLOP")
 
 
 # ----------------------------------------------------------------------------- table

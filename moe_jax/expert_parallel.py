@@ -13,6 +13,9 @@ experts and a 1 / n share of the routing groups. Inside `jax.shard_map` every de
 3. regroups the received rows by local expert (a gather; its gradient is the inverse gather) for
    moe_jax.grouped.matmul, and runs the experts;
 4. undoes 3 and 2 and combines its own tokens' outputs with their weights.
+Under a mesh that does not split the experts (data parallelism, experts replicated) each device
+runs all E experts on its own groups: the same shard_map without the exchange (a Pallas kernel
+cannot be partitioned by GSPMD, and a sort of every device's rows together would gather them).
 Expert weights stay in their shards: E over 'expert' and, where the rules split F ('mlp') over a
 mesh axis, F too, the output projection then summed over that axis (Megatron-style, Shoeybi et al.
 2019). The grouped matmul sees all M rows: megablox visits only the tiles of real rows, but its
@@ -45,17 +48,25 @@ def exchange_for(platform: str) -> str:
     return "padded" if platform == "cpu" else "ragged"
 
 
+def applies(experts: nnx.Module) -> bool:
+    """Whether a dropless layer runs here: under a mesh, with its experts split, or replicated and
+    without expert dropout (whose random masks GSPMD places; `dropless` refuses it with experts split)."""
+    return sharding.active_mesh() is not None and (sharding.expert_axis() is not None
+                                                   or experts.dropout.rate == 0)
+
+
 def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str, buffer_factor: float = 0.0
              ) -> tuple[jax.Array, jax.Array]:
     """groups [G, S, D] -> ([G, S, D], the fraction of kept assignments the receive buffers
     dropped []) through `experts` (a FeedForward of E experts), the experts and groups sharded as
-    sharding.expert_axis() says; backend: moe.grouped_matmul; buffer_factor: moe.ep_buffer_factor."""
-    mesh, rules, axis = sharding.expert_axis()
-    n, E = mesh.shape[axis], decision.num_experts
+    the active mesh says; backend: moe.grouped_matmul; buffer_factor: moe.ep_buffer_factor."""
+    mesh, rules = sharding.active_mesh()
+    axis = sharding.one_axis("expert", mesh, rules)
+    n, E = (mesh.shape[axis] if axis else 1), decision.num_experts
     if E % n:
         raise sharding.ShardingError(f"moe.num_experts={E} is not divisible by the {n} devices of mesh "
                                      f"axis {axis!r}: choose a multiple of {n}")
-    if experts.dropout.rate > 0:
+    if axis and experts.dropout.rate > 0:
         raise ValueError("moe.expert_dropout > 0 is not supported with expert-parallel dropless dispatch: "
                          "set it to 0 or use a mesh without an expert axis")
     graphdef, params, rest = nnx.split(experts, nnx.Param, ...)
@@ -80,6 +91,8 @@ def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str, buf
         def ffn(rows, group_sizes, lay):
             return merged(rows, group_sizes, lay, reduce)
         choices = _Choices(expert_index, position, weight, E)
+        if axis is None:
+            return _all_experts(x, choices, ffn, backend), jnp.zeros((), jnp.float32)
         if not split:
             return _local_experts(x, choices, ffn, axis, n, backend), jnp.zeros((), jnp.float32)
         y, dropped = _shard_layer(x, choices, ffn, axis, n, backend, exchange, buffer_factor)
@@ -158,10 +171,15 @@ def _local_experts(x, choices: _Choices, ffn, axis: str, n: int, backend: str):
     mine = (choices.expert_index >= first) & (choices.expert_index < first + El)  # [G, S, K]
     local = _Choices(jnp.where(mine, choices.expert_index - first, 0), jnp.where(mine, choices.position, -1),
                      choices.weight, El)
-    G, S, _ = x.shape
-    lay = grouped.plan(backend, G * S * choices.position.shape[-1], El)
-    (rows, group_sizes), ctx = dispatch.dropless_dispatch(x, local, lay)  # [R, D]
-    return jax.lax.psum(dispatch.dropless_combine(ffn(rows, group_sizes, lay), ctx), axis)  # [G, S, D]
+    return jax.lax.psum(_all_experts(x, local, ffn, backend), axis)  # [G, S, D]
+
+
+def _all_experts(x, choices: _Choices, ffn, backend: str):
+    """x [G, S, D] -> [G, S, D] through every expert this device holds, as on one device."""
+    G, S, K = choices.position.shape
+    lay = grouped.plan(backend, G * S * K, choices.num_experts)
+    (rows, group_sizes), ctx = dispatch.dropless_dispatch(x, choices, lay)  # [R, D]
+    return dispatch.dropless_combine(ffn(rows, group_sizes, lay), ctx)
 
 
 def _padded_maps(send_sizes, starts, N: int, n: int):

@@ -95,9 +95,11 @@ class MoELayer(nnx.Module):
         strategy = None if self.router.kind.own_path else self.dispatch_for(capacity)
         if strategy is None:
             y = self.router.kind.mix(groups, decision, self.experts)
-        elif strategy == "dropless" and sharding.expert_axis() is not None:
-            y, stats["ep_dropped_fraction"] = expert_parallel.dropless(
+        elif strategy == "dropless" and expert_parallel.applies(self.experts):
+            y, dropped = expert_parallel.dropless(
                 groups, decision, self.experts, self.cfg.grouped_matmul, self.cfg.ep_buffer_factor)
+            if sharding.expert_axis() is not None:
+                stats["ep_dropped_fraction"] = dropped
         else:
             y = self._dispatched(groups, decision, strategy)
         y = y.reshape(B, L, D).astype(self.dtype)

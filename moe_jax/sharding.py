@@ -8,6 +8,9 @@ the batch over data x expert. Inside the MoE layer, token-major buffers [G, E*C,
 sharded like the batch) become expert-major [E, G*C, D] (experts over 'expert'): the constraints
 placed there make XLA move tokens with one all-to-all over 'expert' each way. The dropless dispatch
 has no fixed-size buffers for GSPMD to split: it runs under shard_map (moe_jax/expert_parallel.py).
+With `config.fsdp` every weight's 'embed' (d_model) axis also splits over the batch's mesh axes
+(ZeRO-3, Rajbhandari et al. 2020; FSDP): parameters, gradients and optimizer state are divided over
+all devices and XLA gathers each layer's weights where they are used.
 """
 from __future__ import annotations
 
@@ -86,6 +89,21 @@ def rules_dict(rules: Sequence[Sequence[Any]]) -> dict[str, Any]:
     return out
 
 
+def rules_for(config) -> dict[str, Any]:
+    """The config's logical-axis rules, with 'embed' mapped to the batch's mesh axes under config.fsdp.
+
+    Activations are unaffected: their batch axis comes first and takes those mesh axes (a mesh axis
+    is used once per array), so only the weights' d_model axis splits."""
+    rules = rules_dict(config.logical_axis_rules)
+    if not config.fsdp:
+        return rules
+    if rules.get("embed") is not None:
+        raise ShardingError(f"config.fsdp=True splits 'embed' over the batch's mesh axes, but "
+                            f"config.logical_axis_rules already maps 'embed' to {rules['embed']!r}: "
+                            "map it to None, or set config.fsdp=False")
+    return {**rules, "embed": rules.get("batch")}
+
+
 def mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh, rules: dict,
               *, strict: Sequence[str] = ("expert",)) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec for an array of `shape`.
@@ -143,6 +161,12 @@ def one_axis(logical: str, mesh: Mesh, rules: dict) -> str | None:
     axis = rules.get(logical)
     axis = axis[0] if isinstance(axis, tuple) and len(axis) == 1 else axis
     return axis if isinstance(axis, str) and mesh.shape[axis] > 1 else None
+
+
+def active_mesh() -> tuple[Mesh, dict] | None:
+    """(mesh, rules) while tracing under `use_mesh` with more than one device, else None."""
+    active = _ACTIVE.get()
+    return None if active is None or active[0].size == 1 else active
 
 
 def expert_axis() -> tuple[Mesh, dict, str] | None:

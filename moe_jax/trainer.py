@@ -57,7 +57,7 @@ class Trainer:
         abstract.eval()
         self.eval_graphdef, _, _ = nnx.split(abstract, nnx.Param, ...)
         self.mesh = sharding.make_mesh(config.mesh_shape) if mesh is None else mesh
-        self.rules = sharding.rules_dict(config.logical_axis_rules)
+        self.rules = sharding.rules_for(config)
         self._check_divisibility()
         self.state_sharding = self._state_sharding()
         self.replicated = NamedSharding(self.mesh, PartitionSpec())

@@ -87,7 +87,7 @@ def _is_hf(path: str) -> bool:
 
 def _restore_params(path: str, src, mc, trainer) -> dict:
     """The parameters of a workdir's latest checkpoint, placed on this run's mesh, then on the host."""
-    for name in ("mesh_shape", "logical_axis_rules", "batch_size", "grad_accum_steps"):
+    for name in ("mesh_shape", "logical_axis_rules", "fsdp", "batch_size", "grad_accum_steps"):
         src[name] = trainer.config[name]  # where and how this run computes, not what the source is
     source_trainer = Trainer(src, mc, mesh=trainer.mesh)
     checkpointer = Checkpointer(path, keep=src.keep_checkpoints, async_save=False)

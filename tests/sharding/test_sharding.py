@@ -186,18 +186,68 @@ def test_receive_buffer_factor_drops_what_overflows_and_counts_it(factor):
         assert np.isclose(np.asarray(y_mesh), np.asarray(y), rtol=1e-5, atol=1e-5).all(-1).mean() > 0.5
 
 
-@pytest.mark.parametrize("name", ["deepseek_v3.py:tiny", "gpt_oss_20b.py:tiny"])
-def test_frontier_tiny_configs_on_the_mesh_equal_one_device(name):
+@pytest.mark.parametrize("name,mesh_shape,fsdp", [("deepseek_v3.py:tiny", (1, 4, 2), False),
+                                                   ("deepseek_v3.py:tiny", (2, 2, 2), True),
+                                                   ("gpt_oss_20b.py:tiny", (1, 4, 2), False)])
+def test_frontier_tiny_configs_on_the_mesh_equal_one_device(name, mesh_shape, fsdp):
     """Latent attention, sigmoid group-limited routing and shared experts (V3); sinks, banded layers,
-    biased clamped experts (gpt-oss): dropless and expert-parallel on (1, 4, 2), as on one device."""
+    biased clamped experts (gpt-oss): dropless and expert-parallel, with FSDP too, as on one device."""
     config = configuration.load(f"configs/{name}")
     config.batch_size, config.seq_len = 8, 8
-    config.mesh_shape = (1, 4, 2)
+    config.mesh_shape, config.fsdp = mesh_shape, fsdp
     loss, grads = loss_and_grads(config, (1, 1, 1))
-    s_loss, s_grads = loss_and_grads(config, (1, 4, 2))
+    s_loss, s_grads = loss_and_grads(config, mesh_shape)
     np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("router", ["top2", "dropless_top2"])
+def test_fsdp_step_equals_one_device(router, single_device):
+    """Weights split over data x expert (x model) are gathered where used: the same loss and gradients."""
+    loss, grads = single_device(router, 8)
+    config = config_for(router, 8, (2, 2, 2))
+    config.fsdp = True
+    s_loss, s_grads = loss_and_grads(config, (2, 2, 2))
+    np.testing.assert_allclose(s_loss, loss, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_splits_the_weights_outside_the_experts_over_every_device():
+    def per_device(fsdp):
+        config = config_for("top2", 8, (2, 2, 2))
+        config.fsdp, config.optimizer = fsdp, "adamw"
+        trainer = Trainer(config, configuration.validate(config), mesh=sharding.make_mesh((2, 2, 2)))
+        state = trainer.create_state(0)
+        layer = state.params["decoder"]["units"]["layers"][0]
+        arrays = {"query": layer["attn"]["query"], "norm": layer["attn_norm"]["scale"],
+                  "table": state.params["embed"]["table"], "wo": layer["ffn"]["experts"]["wo"]}
+        sizes = {k: (a.addressable_shards[0].data.nbytes, a.nbytes) for k, a in arrays.items()}
+        for name, tree in (("params", state.params), ("opt_state", state.opt_state)):
+            sizes[name] = sum(a.addressable_shards[0].data.nbytes for a in jax.tree.leaves(tree))
+        return sizes
+
+    plain, fsdp = per_device(False), per_device(True)
+    assert plain["query"][0] == plain["query"][1] // 2  # heads over 'model' only: copied 4 times
+    assert fsdp["query"][0] == fsdp["query"][1] // 8  # and d_model over data x expert
+    assert fsdp["norm"][0] == fsdp["norm"][1] // 4 and plain["norm"][0] == plain["norm"][1]
+    assert fsdp["table"][0] == fsdp["table"][1] // 8
+    # experts: E over 'expert', F over 'model', and now D over 'data'
+    assert plain["wo"][0] == plain["wo"][1] // 4 and fsdp["wo"][0] == fsdp["wo"][1] // 8
+    assert fsdp["params"] < plain["params"] / 2
+    # Adam's two moments follow their parameters (plus the step count)
+    for sizes in (plain, fsdp):
+        assert 0 <= sizes["opt_state"] - 2 * sizes["params"] <= 16, sizes
+
+
+def test_fsdp_refuses_a_conflicting_embed_rule():
+    config = config_for("top1", 8, (2, 2, 2))
+    config.fsdp = True
+    config.logical_axis_rules = tuple(r for r in config.logical_axis_rules if r[0] != "embed") + (
+        ("embed", "model"),)
+    with pytest.raises(sharding.ShardingError, match="config.fsdp=True .* already maps 'embed' to 'model'"):
+        Trainer(config, configuration.validate(config), mesh=sharding.make_mesh((2, 2, 2)))
 
 
 def test_checkpoint_restores_on_another_mesh(tmp_path):
