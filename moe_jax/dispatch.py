@@ -14,6 +14,9 @@ maps (`slots`), so they serve token choice and expert choice alike:
   capacity factor <= 0 nothing at all, and no expert is padded to S slots. With experts sharded,
   moe_jax.expert_parallel runs it per device and exchanges the rows between the experts' devices.
 Buffers use the layout [E, G * C, D] (expert-major), the one expert parallelism shards over E.
+Each strategy fills them per group first, the groups kept where the batch is sharded, and then
+moves them expert-major: the two layout constraints make GSPMD exchange the buffers with one
+all-to-all, not gather every token onto every device (what it chose at E = 128 on 16 chips).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Any, Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moe_jax import grouped
+from moe_jax import grouped, sharding
 from moe_jax.routing import SlotMaps
 
 Strategy = Literal["einsum", "index", "dropless"]
@@ -59,6 +62,9 @@ def buffer_capacity(decision, group_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------- einsum (reference)
+GROUPED = (None, "batch", None, "embed")  # logical axes of [E, G, C, D]: sharded by group
+
+
 class EinsumCtx(NamedTuple):
     combine: jax.Array  # float32 [G, S, E, C]
 
@@ -67,13 +73,14 @@ def einsum_dispatch(x: jax.Array, decision) -> tuple[jax.Array, EinsumCtx]:
     G, S, D = x.shape
     dispatch, combine = decision.masks(buffer_capacity(decision, S))  # [G, S, E, C] x2
     inputs = jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)  # [E, G, C, D]
+    inputs = sharding.constrain(inputs, GROUPED)  # computed where its groups are
     E, _, C, _ = inputs.shape
     return inputs.reshape(E, G * C, D), EinsumCtx(combine)
 
 
 def einsum_combine(outputs: jax.Array, ctx: EinsumCtx) -> jax.Array:
     G, S, E, C = ctx.combine.shape
-    outputs = outputs.reshape(E, G, C, -1)  # [E, G*C, D] -> [E, G, C, D]
+    outputs = sharding.constrain(outputs.reshape(E, G, C, -1), GROUPED)  # [E, G*C, D] -> [E, G, C, D]
     return jnp.einsum("egcd,gsec->gsd", outputs, ctx.combine.astype(outputs.dtype))  # [G, S, D]
 
 
@@ -86,13 +93,15 @@ class IndexCtx(NamedTuple):
 def _to_expert_major(buffers: jax.Array, E: int) -> jax.Array:
     """[G, E*C, D] -> [E, G*C, D]: the move expert parallelism turns into an all-to-all."""
     G, EC, D = buffers.shape
+    buffers = sharding.constrain(buffers, ("batch", None, "embed"))  # filled where its groups are
     return jnp.transpose(buffers.reshape(G, E, EC // E, D), (1, 0, 2, 3)).reshape(E, G * (EC // E), D)
 
 
 def _to_group_major(outputs: jax.Array, G: int) -> jax.Array:
     """[E, G*C, D] -> [G, E*C, D], the inverse move."""
     E, GC, D = outputs.shape
-    return jnp.transpose(outputs.reshape(E, G, GC // G, D), (1, 0, 2, 3)).reshape(G, E * (GC // G), D)
+    buffers = jnp.transpose(outputs.reshape(E, G, GC // G, D), (1, 0, 2, 3)).reshape(G, E * (GC // G), D)
+    return sharding.constrain(buffers, ("batch", None, "embed"))  # read where its groups are
 
 
 def index_dispatch(x: jax.Array, decision) -> tuple[jax.Array, IndexCtx]:

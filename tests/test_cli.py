@@ -178,3 +178,21 @@ def test_eval_and_infer_on_the_trained_workdir(setup, trained):
         assert line.startswith(head), line
         assert isinstance(ast.literal_eval(line[len(head):]), str), line  # the continuation, as a repr
     assert not os.path.exists(workdir / "checkpoints" / str(STEPS + 1))
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "gpt_oss_20b", "qwen3_30b_a3b"])
+def test_frontier_tiny_configs_train_through_the_cli(setup, trained, name):
+    """The frontier architectures at their `:tiny` size (latent attention and group-limited sigmoid
+    routing; sinks, bands and biased clamped experts; QK-norm and top-8 of 128) train dropless
+    through the real entry point: 2 steps, finite losses, a checkpoint. Kimi K2 and gpt-oss-120b
+    share these architectures."""
+    data = {k: v for k, v in SMALL.items() if not k.startswith(("model.", "moe."))}
+    values = {**data, "model.vocab_size": 1100, "num_train_steps": 2, "eval_every_steps": 2,
+              "checkpoint_every_steps": 2, "data.data_dir": setup.data_dir}
+    workdir = setup.root / name
+    job = cli.run([f"--config=configs/{name}.py:tiny", *cli.overrides(values), f"--workdir={workdir}"],
+                  setup.env, setup.logs, name)
+    assert re.search(r"^done: step 2$", job.stdout, re.M), job.report()
+    records = cli.metrics(workdir)
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["train/loss"]) for r in records)
+    assert cli.checkpoints(workdir) == ([2], [])

@@ -117,6 +117,24 @@ def test_expert_parallel_dropless_compiles_for_v5e_8_with_ragged_all_to_all():
     assert point["collectives"].get("all-gather", 0) == 0, point["collectives"]  # no token is gathered
 
 
+@pytest.mark.parametrize("strategy,k", [("einsum", 2), ("index", 2), ("einsum", 1)])
+def test_capacity_buffers_move_by_all_to_all_on_v5e_4(strategy, k):
+    """Experts over 4 chips: the buffers go expert-major and back by all-to-all (forward and backward);
+    no token is gathered onto every chip (GSPMD's choice for top-2 without the group constraints)."""
+    pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import nnx  # noqa: PLC0415
+
+    from moe_jax import MoEConfig, MoELayer, bench_mesh, sharding  # noqa: PLC0415
+    mesh = sharding.make_mesh((1, 4, 1), cost_model.tpu_devices("v5e-4"))
+    cfg = MoEConfig(num_experts=8, k=k, d_ff=256, activation="swiglu", dispatch=strategy, group_size=256)
+    layer = nnx.eval_shape(lambda: MoELayer(cfg, 128, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+    rules = sharding.rules_dict(sharding.DEFAULT_RULES)
+    point = bench_mesh.compiled_point(layer, mesh, rules, (16, 256, 128))
+    assert point["collectives"].get("all-to-all", 0) >= 4, point["collectives"]
+    assert point["collectives"].get("all-gather", 0) == 0, point["collectives"]
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 1, 2)])
 def test_data_parallel_dropless_compiles_for_v5e_8(mesh_shape):
     """Experts not split (replicated, or F over 'model'): each chip runs megablox on its own groups
