@@ -99,20 +99,26 @@ def test_dropless_layer_compiles_for_v5e_through_the_grouped_kernel():
     assert experts < flops < 1.25 * experts  # the router, activations and moves are the rest
 
 
-def test_expert_parallel_dropless_compiles_for_v5e_8_with_ragged_all_to_all():
-    """Experts over the 8 chips of v5e-8: each chip sorts its tokens, sends each chip the rows of its
-    experts by ragged all-to-all (there and back, forward and backward) and runs megablox on them."""
+DROPLESS = dict(train_capacity_factor=0.0, eval_capacity_factor=0.0)
+
+
+def mesh_point(topology: str, mesh_shape, shape, **moe) -> dict:
+    """A bfloat16 SwiGLU MoE layer (D = 128, F = 256) compiled forward + backward on a TPU mesh."""
     pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
     from moe_jax import MoEConfig, MoELayer, bench_mesh, sharding  # noqa: PLC0415
-    mesh = sharding.make_mesh((1, 8, 1), cost_model.tpu_devices("v5e-8"))
-    cfg = MoEConfig(num_experts=16, k=2, d_ff=256, activation="swiglu", train_capacity_factor=0.0,
-                    eval_capacity_factor=0.0)
+    mesh = sharding.make_mesh(mesh_shape, cost_model.tpu_devices(topology))
+    cfg = MoEConfig(d_ff=256, activation="swiglu", **moe)
     layer = nnx.eval_shape(lambda: MoELayer(cfg, 128, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    rules = sharding.rules_dict(sharding.DEFAULT_RULES)
-    point = bench_mesh.compiled_point(layer, mesh, rules, (16, 128, 128))
+    return bench_mesh.compiled_point(layer, mesh, sharding.rules_dict(sharding.DEFAULT_RULES), shape)
+
+
+def test_expert_parallel_dropless_compiles_for_v5e_8_with_ragged_all_to_all():
+    """Experts over the 8 chips of v5e-8: each chip sorts its tokens, sends each chip the rows of its
+    experts by ragged all-to-all (there and back, forward and backward) and runs megablox on them."""
+    point = mesh_point("v5e-8", (1, 8, 1), (16, 128, 128), num_experts=16, k=2, **DROPLESS)
     assert point["collectives"].get("ragged-all-to-all", 0) >= 4, point["collectives"]
     assert point["collectives"].get("all-gather", 0) == 0, point["collectives"]  # no token is gathered
 
@@ -121,16 +127,8 @@ def test_expert_parallel_dropless_compiles_for_v5e_8_with_ragged_all_to_all():
 def test_capacity_buffers_move_by_all_to_all_on_v5e_4(strategy, k):
     """Experts over 4 chips: the buffers go expert-major and back by all-to-all (forward and backward);
     no token is gathered onto every chip (GSPMD's choice for top-2 without the group constraints)."""
-    pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-
-    from moe_jax import MoEConfig, MoELayer, bench_mesh, sharding  # noqa: PLC0415
-    mesh = sharding.make_mesh((1, 4, 1), cost_model.tpu_devices("v5e-4"))
-    cfg = MoEConfig(num_experts=8, k=k, d_ff=256, activation="swiglu", dispatch=strategy, group_size=256)
-    layer = nnx.eval_shape(lambda: MoELayer(cfg, 128, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    rules = sharding.rules_dict(sharding.DEFAULT_RULES)
-    point = bench_mesh.compiled_point(layer, mesh, rules, (16, 256, 128))
+    point = mesh_point("v5e-4", (1, 4, 1), (16, 256, 128), num_experts=8, k=k, dispatch=strategy,
+                       group_size=256)
     assert point["collectives"].get("all-to-all", 0) >= 4, point["collectives"]
     assert point["collectives"].get("all-gather", 0) == 0, point["collectives"]
 
@@ -139,17 +137,7 @@ def test_capacity_buffers_move_by_all_to_all_on_v5e_4(strategy, k):
 def test_data_parallel_dropless_compiles_for_v5e_8(mesh_shape):
     """Experts not split (replicated, or F over 'model'): each chip runs megablox on its own groups
     under shard_map (GSPMD cannot partition the Pallas kernel); no token leaves its chip."""
-    pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-
-    from moe_jax import MoEConfig, MoELayer, bench_mesh, sharding  # noqa: PLC0415
-    mesh = sharding.make_mesh(mesh_shape, cost_model.tpu_devices("v5e-8"))
-    cfg = MoEConfig(num_experts=8, k=2, d_ff=256, activation="swiglu", train_capacity_factor=0.0,
-                    eval_capacity_factor=0.0)
-    layer = nnx.eval_shape(lambda: MoELayer(cfg, 128, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
-    rules = sharding.rules_dict(sharding.DEFAULT_RULES)
-    point = bench_mesh.compiled_point(layer, mesh, rules, (16, 128, 128))
+    point = mesh_point("v5e-8", mesh_shape, (16, 128, 128), num_experts=8, k=2, **DROPLESS)
     for op in ("all-to-all", "ragged-all-to-all", "all-gather"):
         assert point["collectives"].get(op, 0) == 0, point["collectives"]
     assert 0 < point["est_ms"] < 1e3, point  # every uncosted call's -1 s added back
