@@ -26,4 +26,6 @@ def get_config(size: str = "full", num_layers: int = 36, num_experts: int = 128)
     config.optimizer, config.learning_rate, config.schedule = "adamw", 3e-4, "cosine"
     config.seq_len, config.batch_size = 4096, 512
     config.num_train_steps, config.warmup_steps = 100_000, 2000
+    # Attention and embeddings split over every chip too: the 120b fits v5p-128 so (README).
+    config.fsdp = True
     return base.shrink_to_tiny(config) if size == "tiny" else config

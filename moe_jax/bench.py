@@ -62,17 +62,16 @@ _FLAGS = flags.FLAGS
 flags.DEFINE_string("topology", None, "Compile for this Cloud TPU accelerator type (v5e-1, v5e-16, ...) "
                     "and report the TPU compiler's cost model instead of running.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "layer: activation and compute dtype.")
+flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "layer: weights' storage dtype.")
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of a table.")
 flags.DEFINE_integer("reps", 5, "Timed calls (layer) or steps (train, see --steps) after the warm-up.")
 # layer
-flags.DEFINE_list("dispatch", ["einsum", "index", "dropless"],
-                  "layer: dispatch strategies, and 'experts' for the batched experts alone.")
+flags.DEFINE_list("dispatch", ["einsum", "index", "dropless"], "layer: strategies, or 'experts' alone.")
 flags.DEFINE_list("experts", ["8", "32", "128"], "layer: numbers of experts E.")
 flags.DEFINE_list("k", ["1", "2"], "layer: choices per token.")
 flags.DEFINE_list("capacity_factor", ["1.0", "1.25", "2.0"], "layer: capacity factors (<= 0: dropless).")
 flags.DEFINE_list("group_size", ["1024", "8192"], "layer: largest routing group S (moe.group_size).")
-flags.DEFINE_list("activation", ["relu"],
-                  "layer: expert activations (relu, gelu: plain; swiglu, geglu: gated).")
+flags.DEFINE_list("activation", ["relu"], "layer: expert activations (relu, gelu; gated: swiglu, geglu).")
 flags.DEFINE_integer("tokens", 32768, "layer: tokens T per call.")
 flags.DEFINE_integer("seq_len", 512, "layer: sequence length L (the input is [T / L, L, D]).")
 flags.DEFINE_integer("d_model", 128, "layer: model width D.")
@@ -83,8 +82,7 @@ config_flags.DEFINE_config_file("config", None, "train: experiment config file."
 config_flags.DEFINE_config_file("baseline", None, "train: a second config to compare with.", lock_config=True)
 flags.DEFINE_integer("steps", 0, "train: timed steps (0: --reps).")
 flags.DEFINE_bool("compile_only", False, "train: only lower and compile the step on abstract state.")
-flags.DEFINE_integer("compile_reps", 3,
-                     "train: rounds of lowering and compiling each config (medians reported).")
+flags.DEFINE_integer("compile_reps", 3, "train: rounds of lowering and compiling each config (medians).")
 
 
 def device_line() -> str:
@@ -181,14 +179,15 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
     n_mats = 3 if is_gated(activation) else 2
     cfg = MoEConfig(num_experts=E, k=k, d_ff=F, activation=activation, train_capacity_factor=cf,
                     group_size=max_group, dispatch="index" if dispatch == EXPERTS_ONLY else dispatch)
-    layer = make(lambda: MoELayer(cfg, D, dtype=jnp.dtype(_FLAGS.dtype), rngs=nnx.Rngs(0)))
+    layer = make(lambda: MoELayer(cfg, D, dtype=jnp.dtype(_FLAGS.dtype),
+                                  param_dtype=jnp.dtype(_FLAGS.param_dtype), rngs=nnx.Rngs(0)))
     G, S = layer.group_shape(T // L, L)
     C = layer.capacity(S)
     if dispatch == EXPERTS_ONLY:
         layer = ExpertsOnly(layer.experts, E)
     rec = dict(dispatch=dispatch, num_experts=E, k=k, capacity_factor=cf, group_size=S, capacity=C, tokens=T,
                d_model=D, d_ff=F, activation=activation, gated=is_gated(activation),
-               tokens_per_expert=T * k / E, dtype=_FLAGS.dtype,
+               tokens_per_expert=T * k / E, dtype=_FLAGS.dtype, param_dtype=_FLAGS.param_dtype,
                floor=1.0 if dispatch == EXPERTS_ONLY else 1 + E / (n_mats * k * F), device=device_line())
     slots = E * (S if C is None else C)  # slots per group
     flops = matmul_flops(dispatch, T=T, D=D, F=F, E=E, k=k,
@@ -228,7 +227,8 @@ def dense_twin(k: int, activation: str) -> dict:
         raise app.UsageError(f"--tokens={T} must be a multiple of --seq_len={L}")
     dtype, n_mats = jnp.dtype(_FLAGS.dtype), 3 if is_gated(activation) else 2
     x = jax.random.normal(jax.random.key(0), (T // L, L, D), jnp.float32).astype(dtype)
-    ffn = make(lambda: FeedForward(D, F * k, activation=activation, dtype=dtype, rngs=nnx.Rngs(0)))
+    ffn = make(lambda: FeedForward(D, F * k, activation=activation, dtype=dtype,
+                                   param_dtype=jnp.dtype(_FLAGS.param_dtype), rngs=nnx.Rngs(0)))
     flops = 3.0 * 2 * T * D * F * k * n_mats
     if _FLAGS.topology:
         return dict(x=x, **cost_model.dense_point(grad_program(ffn, x), _FLAGS.topology,
@@ -264,7 +264,8 @@ def run_layer() -> None:
     if not _FLAGS.json:
         cost = _FLAGS.topology is not None
         print(f"# {f'TPU cost model, one chip of {_FLAGS.topology}, on ' if cost else ''}{device_line()}; "
-              f"T={_FLAGS.tokens} D={_FLAGS.d_model} F={_FLAGS.d_ff} L={_FLAGS.seq_len} {_FLAGS.dtype}; "
+              f"T={_FLAGS.tokens} D={_FLAGS.d_model} F={_FLAGS.d_ff} L={_FLAGS.seq_len} {_FLAGS.dtype}, "
+              f"weights {_FLAGS.param_dtype}; "
               f"{'' if cost else f'median of {_FLAGS.reps} interleaved calls '}(forward + backward)")
         table, names = (KEYS + cost_model.TABLE_TAIL, cost_model.HEADER_TAIL) if cost else (TABLE, TIMED)
         print(re.sub(r":>(\d+)\.\df", r":>\1", table).format(**HEADER, **names))

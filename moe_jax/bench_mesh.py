@@ -61,7 +61,8 @@ def dense_point(activation: str, k: int, mesh, rules, n: int) -> dict:
     """The data-parallel dense twin (width F x k), compiled once per (activation, k)."""
     if (activation, k) not in _DENSE:
         ffn = nnx.eval_shape(lambda: FeedForward(_F.d_model, _F.d_ff * k, activation=activation,
-                                                 dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+                                                 dtype=jnp.bfloat16, param_dtype=_F.param_dtype,
+                                                 rngs=nnx.Rngs(0)))
         floor = cost_model.dense_roofline_ms(
             tokens=_F.tokens // n, d_model=_F.d_model, d_ff=_F.d_ff * k,
             n_mats=3 if is_gated(activation) else 2,
@@ -88,10 +89,11 @@ def points() -> list[dict]:
                         train_capacity_factor=cf, group_size=S,
                         eval_capacity_factor=cf if cf <= 0 else MoEConfig.eval_capacity_factor,
                         ep_buffer_factor=buffer)
-        layer = nnx.eval_shape(lambda: MoELayer(cfg, _F.d_model, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))
+        layer = nnx.eval_shape(lambda: MoELayer(cfg, _F.d_model, dtype=jnp.bfloat16,
+                                                param_dtype=_F.param_dtype, rngs=nnx.Rngs(0)))
         rec = dict(topology=_F.topology, chips=n, dispatch=strategy, num_experts=E, k=k, capacity_factor=cf,
                    ep_buffer_factor=buffer, group_size=S, activation=act, tokens=_F.tokens,
-                   d_model=_F.d_model, d_ff=_F.d_ff)
+                   d_model=_F.d_model, d_ff=_F.d_ff, param_dtype=_F.param_dtype)
         try:
             est = compiled_point(layer, mesh, rules, _shape())
         except jax.errors.JaxRuntimeError as e:  # e.g. RESOURCE_EXHAUSTED: the step does not fit a chip
@@ -108,7 +110,8 @@ def main(argv) -> None:
     if not _F.topology:
         raise app.UsageError("--topology is required: the Cloud TPU accelerator type to compile for")
     print(f"# {' '.join(['python -m moe_jax.bench_mesh'] + sys.argv[1:])}")
-    print("# TPU cost model, per chip; experts over all chips, bfloat16, forward + backward")
+    print(f"# TPU cost model, per chip; experts over all chips, bfloat16, weights {_F.param_dtype}, "
+          "forward + backward")
     print(f"{'dispatch':>9} {'act':>6} {'k':>2} {'cf':>5} {'E':>4} {'est ms':>9} {'dense est':>9} "
           f"{'ratio':>6} {'roof ms':>8} "
           f"{'est/roof':>8}  collectives")

@@ -69,8 +69,8 @@ def test_layer_benchmark_on_the_v5e_cost_model():
     pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
     (record,) = run_bench("layer", "--topology=v5e-1", "--tokens=512", "--seq_len=128", "--d_model=128",
                           "--d_ff=256", "--experts=4", "--k=2", "--capacity_factor=1.25", "--group_size=128",
-                          "--dispatch=index", "--dtype=bfloat16")
-    assert record["topology"] == "v5e-1" and record["dtype"] == "bfloat16"
+                          "--dispatch=index", "--dtype=bfloat16", "--param_dtype=bfloat16")
+    assert record["topology"] == "v5e-1" and record["dtype"] == record["param_dtype"] == "bfloat16"
     for field in ("est_ms", "dense_est_ms", "roofline_ms", "dense_roofline_ms", "flops", "bytes_accessed"):
         assert record[field] > 0, field
     assert record["ratio"] == pytest.approx(record["est_ms"] / record["dense_est_ms"])
