@@ -61,7 +61,7 @@ def dense_point(activation: str, k: int, mesh, rules, n: int) -> dict:
     """The data-parallel dense twin (width F x k), compiled once per (activation, k)."""
     if (activation, k) not in _DENSE:
         ffn = nnx.eval_shape(lambda: FeedForward(_F.d_model, _F.d_ff * k, activation=activation,
-                                                 dtype=jnp.bfloat16, param_dtype=_F.param_dtype,
+                                                 dtype=jnp.bfloat16, param_dtype=jnp.dtype(_F.param_dtype),
                                                  rngs=nnx.Rngs(0)))
         floor = cost_model.dense_roofline_ms(
             tokens=_F.tokens // n, d_model=_F.d_model, d_ff=_F.d_ff * k,
@@ -90,7 +90,7 @@ def points() -> list[dict]:
                         eval_capacity_factor=cf if cf <= 0 else MoEConfig.eval_capacity_factor,
                         ep_buffer_factor=buffer)
         layer = nnx.eval_shape(lambda: MoELayer(cfg, _F.d_model, dtype=jnp.bfloat16,
-                                                param_dtype=_F.param_dtype, rngs=nnx.Rngs(0)))
+                                                param_dtype=jnp.dtype(_F.param_dtype), rngs=nnx.Rngs(0)))
         rec = dict(topology=_F.topology, chips=n, dispatch=strategy, num_experts=E, k=k, capacity_factor=cf,
                    ep_buffer_factor=buffer, group_size=S, activation=act, tokens=_F.tokens,
                    d_model=_F.d_model, d_ff=_F.d_ff, param_dtype=_F.param_dtype)

@@ -182,6 +182,15 @@ def dropless_combine(outputs: jax.Array, ctx: DroplessCtx) -> jax.Array:
     return y.reshape(G, S, D)
 
 
+def dropless_apply(x: jax.Array, decision, ffn, backend: str) -> jax.Array:
+    """x [G, S, D] -> [G, S, D]: the assignments sorted by expert, ffn(rows, group_sizes, layout)
+    run on them (the grouped matmul of `backend`), the outputs combined with their weights."""
+    G, S, K = decision.position.shape
+    lay = grouped.plan(backend, G * S * K, decision.num_experts)
+    (rows, group_sizes), ctx = dropless_dispatch(x, decision, lay)  # [R, D]
+    return dropless_combine(ffn(rows, group_sizes, lay), ctx)
+
+
 _IMPLS: dict[str, tuple[Any, Any]] = {
     "einsum": (einsum_dispatch, einsum_combine),
     "index": (index_dispatch, index_combine),

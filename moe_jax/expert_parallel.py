@@ -92,7 +92,7 @@ def dropless(groups: jax.Array, decision, experts: nnx.Module, backend: str, buf
             return merged(rows, group_sizes, lay, reduce)
         choices = _Choices(expert_index, position, weight, E)
         if axis is None:
-            return _all_experts(x, choices, ffn, backend), jnp.zeros((), jnp.float32)
+            return dispatch.dropless_apply(x, choices, ffn, backend), jnp.zeros((), jnp.float32)
         if not split:
             return _local_experts(x, choices, ffn, axis, n, backend), jnp.zeros((), jnp.float32)
         y, dropped = _shard_layer(x, choices, ffn, axis, n, backend, exchange, buffer_factor)
@@ -171,15 +171,7 @@ def _local_experts(x, choices: _Choices, ffn, axis: str, n: int, backend: str):
     mine = (choices.expert_index >= first) & (choices.expert_index < first + El)  # [G, S, K]
     local = _Choices(jnp.where(mine, choices.expert_index - first, 0), jnp.where(mine, choices.position, -1),
                      choices.weight, El)
-    return jax.lax.psum(_all_experts(x, local, ffn, backend), axis)  # [G, S, D]
-
-
-def _all_experts(x, choices: _Choices, ffn, backend: str):
-    """x [G, S, D] -> [G, S, D] through every expert this device holds, as on one device."""
-    G, S, K = choices.position.shape
-    lay = grouped.plan(backend, G * S * K, choices.num_experts)
-    (rows, group_sizes), ctx = dispatch.dropless_dispatch(x, choices, lay)  # [R, D]
-    return dispatch.dropless_combine(ffn(rows, group_sizes, lay), ctx)
+    return jax.lax.psum(dispatch.dropless_apply(x, local, ffn, backend), axis)  # [G, S, D]
 
 
 def _padded_maps(send_sizes, starts, N: int, n: int):

@@ -14,7 +14,7 @@ from flax import nnx, struct
 from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
-from moe_jax import expert_parallel, grouped, routing, sharding
+from moe_jax import expert_parallel, routing, sharding
 from moe_jax.experts import FeedForward
 from moe_jax.moe_config import MoEConfig
 from moe_jax.router import Router
@@ -118,12 +118,8 @@ class MoELayer(nnx.Module):
     def _dispatched(self, groups: jax.Array, decision, strategy: str) -> jax.Array:
         """groups [G, S, D] -> [G, S, D] through the experts by `strategy`."""
         if strategy == "dropless":
-            G, S, _ = groups.shape
-            lay = grouped.plan(self.cfg.grouped_matmul, G * S * decision.position.shape[-1],
-                               self.cfg.num_experts)
-            (rows, group_sizes), ctx = dispatch_lib.dropless_dispatch(groups, decision, lay)
-            outputs = self.experts(rows, group_sizes, lay)  # [R, D], grouped by expert
-            return sharding.constrain(dispatch_lib.dropless_combine(outputs, ctx), ("batch", None, "embed"))
+            y = dispatch_lib.dropless_apply(groups, decision, self.experts, self.cfg.grouped_matmul)
+            return sharding.constrain(y, ("batch", None, "embed"))  # [G, S, D]
         send, receive = dispatch_lib.get(strategy)
         inputs, ctx = send(groups, decision)
         # Token-major -> expert-major: with experts sharded, XLA moves tokens by an all-to-all here.
