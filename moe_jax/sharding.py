@@ -172,7 +172,7 @@ def active_mesh() -> tuple[Mesh, dict] | None:
 def expert_axis() -> tuple[Mesh, dict, str] | None:
     """(mesh, rules, mesh axis) when tracing under a mesh whose 'expert' rule names one mesh axis of
     more than one device (expert parallelism), else None."""
-    active = _ACTIVE.get()
+    active = active_mesh()  # a one-device mesh has no axis of more than one device
     if active is None:
         return None
     mesh, rules = active
