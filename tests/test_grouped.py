@@ -85,7 +85,7 @@ def test_dropless_layout_invariants(backend, seed, k, capacity):
     assert rows.shape == (lay.rows, D)
     assert np.all(sizes % lay.align == 0) and sizes.sum() <= lay.rows
     kept = np.asarray(decision.position >= 0).reshape(G * S, k)
-    token_row = np.asarray(ctx.token_row)
+    token_row = np.asarray(ctx.token_row).T  # [K, G*S] (choice-major) -> [G*S, K]
     # every kept choice has its own row, in its expert's group, holding its token; dropped: none
     assert len(set(token_row[kept].tolist())) == int(kept.sum())
     assert bool(np.all(token_row[~kept] == lay.rows))

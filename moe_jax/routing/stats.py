@@ -25,7 +25,7 @@ class SlotMaps(NamedTuple):
     # int32 [G, S, K]: slot e*C + c of each choice (E*C: dropped); None: expert choice
     token_slot: jax.Array | None
     slot_token: jax.Array  # int32 [G, E*C]: token of the group held by each slot (S: empty)
-    slot_choice: jax.Array | None  # int32 [G, E*C]: (token, choice) index s*K + k in each slot (S*K: empty)
+    slot_choice: jax.Array | None  # int32 [G, E*C]: choice index k*S + s in each slot (S*K: empty)
     weight: jax.Array  # float32 [G, S, K] (token choice) or [G, E*C] (expert choice)
 
 
