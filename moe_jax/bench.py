@@ -33,8 +33,8 @@ charge to whichever config comes first.
 
 --topology (a Cloud TPU accelerator type; libtpu, `pip install -e .[tpu]`): compile for one chip
 (layer) or the whole slice (train) instead of running, and report the TPU compiler's estimate against
-the dense twin (or --baseline) and, per layer point, the chip's roofline (moe_jax.cost_model);
-train: the stacks unrolled (cost analysis counts a loop body once), FLOPs over the accounting's.
+the dense twin (or --baseline) and, per layer point, the chip's roofline (moe_jax.cost_model) and
+with --breakdown=N its N costliest instructions; train: the stacks unrolled, FLOPs over the accounting's.
 """
 from __future__ import annotations
 
@@ -59,8 +59,7 @@ from moe_jax.moe_config import MoEConfig
 from moe_jax.moe_layer import MoELayer
 
 _FLAGS = flags.FLAGS
-flags.DEFINE_string("topology", None, "Compile for this Cloud TPU accelerator type (v5e-1, v5e-16, ...) "
-                    "and report the TPU compiler's cost model instead of running.")
+flags.DEFINE_string("topology", None, "Report the TPU cost model of this accelerator type (v5e-1, ...).")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "layer: activation and compute dtype.")
 flags.DEFINE_enum("param_dtype", "float32", ["float32", "bfloat16"], "layer: weights' storage dtype.")
 flags.DEFINE_bool("json", False, "Print one JSON object per line instead of a table.")
@@ -77,6 +76,7 @@ flags.DEFINE_integer("seq_len", 512, "layer: sequence length L (the input is [T 
 flags.DEFINE_integer("d_model", 128, "layer: model width D.")
 flags.DEFINE_integer("d_ff", 512, "layer: expert width F.")
 flags.DEFINE_float("max_seconds", 60.0, "layer: skip a point estimated to take longer (compile excluded).")
+flags.DEFINE_integer("breakdown", 0, "layer --topology: list each point's N costliest instructions.")
 # train
 config_flags.DEFINE_config_file("config", None, "train: experiment config file.", lock_config=True)
 config_flags.DEFINE_config_file("baseline", None, "train: a second config to compare with.", lock_config=True)
@@ -194,11 +194,11 @@ def layer_point(dispatch, E, k, cf, max_group, activation, dense) -> dict:
                          rows=G * slots if dispatch != "dropless" else T * k,
                          n_mats=n_mats, einsum_slots=slots)
     if dispatch == EXPERTS_ONLY and G * slots != T:
-        return {**rec,
-                "skipped": "experts-only needs buffers of T rows (k = 1, capacity factor 1, C = S / E)"}
+        return {**rec, "skipped": "experts-only needs buffers of T rows (k = 1, capacity factor 1, C = S/E)"}
     if _FLAGS.topology:
         return cost_model.layer_point(rec, grad_program(layer, dense["x"]), dense, _FLAGS.topology,
-                                      T * k // E if C is None else G * C, routed=dispatch != EXPERTS_ONLY)
+                                      T * k // E if C is None else G * C, routed=dispatch != EXPERTS_ONLY,
+                                      top=_FLAGS.breakdown)
     estimate = flops / dense["flops"] * dense["seconds"] * (_FLAGS.reps + 1)
     if estimate > _FLAGS.max_seconds:
         return {**rec, "skipped": f"estimated {estimate:.0f} s > --max_seconds={_FLAGS.max_seconds:.0f}"}
@@ -251,7 +251,7 @@ def print_row(rec: dict) -> None:
     if _FLAGS.json:
         return emit(rec)
     if _FLAGS.topology and "skipped" not in rec:
-        return print((KEYS + cost_model.TABLE_TAIL).format(**rec, **cost_model.cells(rec)), flush=True)
+        return print(cost_model.row_text(KEYS, rec), flush=True)
     if "skipped" in rec:
         cells = dict(ms="-", dense_ms="-", ratio="-", paired_ratio="-", temp="skipped: " + rec["skipped"])
     else:

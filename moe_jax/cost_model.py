@@ -59,6 +59,33 @@ def uncosted_calls(hlo_text: str) -> int:
     return len(UNCOSTED.findall(hlo_text))
 
 
+CYCLES, OP_NAME = re.compile(r'estimated_cycles":"(\d+)"'), re.compile(r'op_name="([^"]*)"')
+LAYOUT, SHAPE = re.compile(r"\{[^}]*\}"), re.compile(r"\([^)]*\)|\S+")  # layout; (tuple) or array
+
+
+def breakdown(hlo_text: str, top: int) -> list[dict]:
+    """The `top` instructions of the compiled program's entry computation with the most estimated
+    cycles (the figure the compiler writes in each fusion's backend config): cycles, share of all
+    such cycles, result shape and the JAX operation it came from. Custom calls (Pallas kernels,
+    ConcatBitcast) carry no figure and are not listed; the estimate is not the cycles' sum (the
+    model overlaps copies and compute)."""
+    entry = hlo_text[hlo_text.index("\nENTRY"):]
+    rows = []
+    for line in entry.splitlines():
+        cycles = CYCLES.search(line)
+        if cycles:
+            op = OP_NAME.search(line)
+            shape = SHAPE.match(LAYOUT.sub("", line.strip().split(" = ", 1)[1])).group(0)
+            rows.append(dict(cycles=int(cycles.group(1)), shape=shape, op=op.group(1) if op else "?"))
+    total = sum(r["cycles"] for r in rows) or 1
+    rows.sort(key=lambda r: -r["cycles"])
+    return [dict(r, share=r["cycles"] / total) for r in rows[:top]]
+
+
+def breakdown_lines(rows: list[dict]) -> list[str]:
+    return [f"#   {r['share']:6.1%} {r['cycles']:>9,} cycles  {r['shape']:<24} {r['op']}" for r in rows]
+
+
 def estimate(compiled) -> dict:
     """The compiler's cost analysis of a compiled program, its time corrected for uncosted calls."""
     cost = compiled.cost_analysis()
@@ -111,12 +138,14 @@ def dense_roofline_ms(*, tokens: int, d_model: int, d_ff: int, n_mats: int, item
 
 
 # ----------------------------------------------------------------------------- benchmark points
-def program_estimate(jitted, args, accelerator_type: str) -> dict:
-    """jitted(*args) compiled for one chip of the topology: the compiler's figures and compile time."""
+def program_estimate(jitted, args, accelerator_type: str, top: int = 0) -> dict:
+    """jitted(*args) compiled for one chip of the topology: the compiler's figures and compile time;
+    top > 0: also its `breakdown` (that many instructions)."""
     device = tpu_devices(accelerator_type)[0]
     start = time.perf_counter()
     compiled = compile_on(jitted, args, device)
-    return dict(topology=accelerator_type, compile_s=time.perf_counter() - start, **estimate(compiled))
+    rec = dict(topology=accelerator_type, compile_s=time.perf_counter() - start, **estimate(compiled))
+    return {**rec, "breakdown": breakdown(compiled.as_text(), top)} if top else rec
 
 
 def dense_point(program, accelerator_type: str, tokens, d_model, d_ff, n_mats, itemsize) -> dict:
@@ -127,14 +156,14 @@ def dense_point(program, accelerator_type: str, tokens, d_model, d_ff, n_mats, i
 
 
 def layer_point(rec: dict, program, dense: dict, accelerator_type: str, rows_per_expert: int, *,
-                routed: bool) -> dict:
+                routed: bool, top: int = 0) -> dict:
     """A bench layer record (rec) with the layer's (jitted, args) on the cost model, against the
     dense twin's dense_point and the roofline: est_ms, dense_est_ms, ratio, roofline_ms, ..."""
     roofline = layer_roofline_ms(
         tokens=rec["tokens"], d_model=rec["d_model"], d_ff=rec["d_ff"], experts=rec["num_experts"],
         rows_per_expert=rows_per_expert, n_mats=3 if rec["gated"] else 2,
         itemsize=jnp.dtype(rec["dtype"]).itemsize, peaks=chip_peaks(accelerator_type), routed=routed)
-    est = program_estimate(*program, accelerator_type)
+    est = program_estimate(*program, accelerator_type, top)
     return {**rec, **est, "roofline_ms": roofline, "dense_est_ms": dense["est_ms"],
             "dense_roofline_ms": dense["roofline_ms"], "ratio": est["est_ms"] / dense["est_ms"],
             "est_over_roofline": est["est_ms"] / roofline}
@@ -199,5 +228,7 @@ HEADER_TAIL = dict(est_ms="est ms", dense_est_ms="dense est", ratio="ratio", roo
                    dense_roofline_ms="dense rf", est_over_roofline="est/roof", gflop="GFLOP", gb="GB")
 
 
-def cells(rec: dict) -> dict:
-    return dict(gflop=rec["flops"] / 1e9, gb=rec["bytes_accessed"] / 1e9)
+def row_text(keys: str, rec: dict) -> str:
+    """A layer record's table row (keys: the format of its leading columns), then its breakdown."""
+    row = (keys + TABLE_TAIL).format(**rec, gflop=rec["flops"] / 1e9, gb=rec["bytes_accessed"] / 1e9)
+    return "\n".join([row] + breakdown_lines(rec.get("breakdown", [])))

@@ -1,6 +1,8 @@
 """The TPU cost model as a benchmark (moe_jax.cost_model): the ConcatBitcast correction, the roofline
 of known matmuls against hand-computed figures, and a tiny `bench layer --topology` point compiled
 for v5e through the command line."""
+import re
+
 import pytest
 from jax.experimental import topologies
 
@@ -32,6 +34,29 @@ def test_each_uncosted_custom_call_adds_its_second_back():
     est = cost_model.estimate(FakeCompiled())
     assert est["est_ms"] == pytest.approx(1.7)  # -3.9983 s + 4 s
     assert (est["flops"], est["bytes_accessed"], est["uncosted_calls"]) == (3e9, 4e6, 4)
+
+
+ENTRY_HLO = """
+%fused_computation.1 (p: bf16[8,16]) -> bf16[8,16] {
+  %x = bf16[8,16]{1,0} multiply(%p, %p), backend_config={"estimated_cycles":"999999"}
+}
+
+ENTRY %main (a: bf16[8,16]) -> bf16[8,16] {
+  %fusion.2 = bf16[8,16]{1,0:T(8,128)} fusion(%a), calls=%fused_computation.1, \
+metadata={op_name="jit(f)/mul"}, backend_config={"window_config":{"estimated_cycles":"300"}}
+  %copy.3 = (bf16[8,16]{1,0}, f32[8]{0}) copy(%fusion.2), backend_config={"estimated_cycles":"100"}
+  %custom-call.4 = bf16[8,16]{1,0} custom-call(%copy.3), custom_call_target="tpu_custom_call"
+}
+"""
+
+
+def test_breakdown_lists_the_entry_instructions_by_estimated_cycles():
+    rows = cost_model.breakdown(ENTRY_HLO, top=5)  # the fused computation's inner figure is not counted
+    assert [(r["cycles"], r["shape"], r["op"]) for r in rows] == [(300, "bf16[8,16]", "jit(f)/mul"),
+                                                                   (100, "(bf16[8,16], f32[8])", "?")]
+    assert [r["share"] for r in rows] == pytest.approx([0.75, 0.25])
+    assert len(cost_model.breakdown(ENTRY_HLO, top=1)) == 1
+    assert "75.0%" in cost_model.breakdown_lines(rows)[0]
 
 
 def test_roofline_of_known_matmuls():
@@ -69,13 +94,16 @@ def test_layer_benchmark_on_the_v5e_cost_model():
     pytest.importorskip("libtpu", reason="libtpu is not installed (`pip install -e .[tpu]`)")
     (record,) = run_bench("layer", "--topology=v5e-1", "--tokens=512", "--seq_len=128", "--d_model=128",
                           "--d_ff=256", "--experts=4", "--k=2", "--capacity_factor=1.25", "--group_size=128",
-                          "--dispatch=index", "--dtype=bfloat16", "--param_dtype=bfloat16")
+                          "--dispatch=index", "--dtype=bfloat16", "--param_dtype=bfloat16", "--breakdown=3")
     assert record["topology"] == "v5e-1" and record["dtype"] == record["param_dtype"] == "bfloat16"
     for field in ("est_ms", "dense_est_ms", "roofline_ms", "dense_roofline_ms", "flops", "bytes_accessed"):
         assert record[field] > 0, field
     assert record["ratio"] == pytest.approx(record["est_ms"] / record["dense_est_ms"])
     assert record["roofline_ms"] > record["dense_roofline_ms"]  # the router and the moves
     assert "ms" not in record  # compiled, not run
+    shares = [r["share"] for r in record["breakdown"]]  # the three costliest instructions
+    assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert any("dot_general" in r["op"] for r in record["breakdown"]), record["breakdown"]
 
 
 def test_dropless_layer_compiles_for_v5e_through_the_grouped_kernel():
@@ -93,7 +121,12 @@ def test_dropless_layer_compiles_for_v5e_through_the_grouped_kernel():
     assert layer.dispatch_for(layer.capacity(128)) == "dropless"
     jitted, args = bench.grad_program(layer, jnp.zeros((T // 128, 128, D), jnp.bfloat16))
     compiled = cost_model.compile_on(jitted, args, cost_model.tpu_devices("v5e-1")[0])
-    assert "tpu_custom_call" in compiled.as_text()  # the Pallas (Mosaic) grouped matmul
+    text = compiled.as_text()
+    assert "tpu_custom_call" in text  # the Pallas (Mosaic) grouped matmul
+    # The choices are combined (and the gathers' gradients summed) as [K, T, D], never [T, K, D]: a
+    # K = 2 second-minor axis is tiled (2, 128), which the cost model charged 4x (7.996 -> 7.483 ms
+    # at T = 8192, D = 768, E = 8).
+    assert not re.search(rf"\[{T},{k},{D}\]", text), re.findall(rf"\S+\[{T},{k},{D}\]\S*", text)[:3]
     experts = 3 * 3 * 2 * T * k * D * F  # 3 matmuls x (forward, two gradients), each 2 N D F, N = T k
     flops = cost_model.estimate(compiled)["flops"]
     assert experts < flops < 1.25 * experts  # the router, activations and moves are the rest
