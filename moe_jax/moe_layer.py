@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import expert_parallel, routing, sharding
-from moe_jax.experts import FeedForward
+from moe_jax.experts import FeedForward, is_gated
 from moe_jax.moe_config import MoEConfig
 from moe_jax.router import Router
 
@@ -36,8 +36,12 @@ class MoEAux:
 # to S slots; otherwise the fastest dispatch measured for the platform (`python -m moe_jax.bench layer`,
 # with --topology for the TPU compiler's cost model; benchmarks/README.md). On XLA:CPU 'index': the
 # einsum costs 2-2.5x more at S = 1024. On the v5e cost model 'einsum': index costs 3-35% more at
-# E = 8-128, capacity factor 1.0. GPU has no measurement yet and takes the CPU's choice.
+# E = 8-128, capacity factor 1.0, groups of 512, while at groups of 4,096 'einsum' costs 7-38% more:
+# its one-hot products add 2 E C / (k n F) of the experts' FLOPs (n matmuls per expert), 1/6 to 1/5 at
+# S = 512 and 0.9 to 1.3 at S = 4,096, so on TPU 'einsum' is taken up to EINSUM_WORK of them.
+# GPU has no measurement yet and takes the CPU's choice.
 FASTEST_DISPATCH = {"cpu": "index", "tpu": "einsum", "gpu": "index"}
+EINSUM_WORK = 0.5
 
 
 class MoELayer(nnx.Module):
@@ -113,7 +117,12 @@ class MoELayer(nnx.Module):
             return self.cfg.dispatch
         if capacity is None and "dropless" in self.router.kind.dispatches:
             return "dropless"
-        return FASTEST_DISPATCH.get(sharding.target_platform(), "index")
+        fastest = FASTEST_DISPATCH.get(sharding.target_platform(), "index")
+        if fastest == "einsum" and capacity is not None:
+            n_mats = 3 if is_gated(self.cfg.activation) else 2
+            if 2 * self.cfg.num_experts * capacity > EINSUM_WORK * self.cfg.k * n_mats * self.cfg.d_ff:
+                return "index"
+        return fastest
 
     def _dispatched(self, groups: jax.Array, decision, strategy: str) -> jax.Array:
         """groups [G, S, D] -> [G, S, D] through the experts by `strategy`."""

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from flax import nnx
 from hypothesis import strategies as st
 
-from moe_jax import MoEConfig, MoELayer, dispatch, grouped
+from moe_jax import MoEConfig, MoELayer, dispatch, grouped, sharding
 from moe_jax.routing import token_choice
 
 K_IN, N_OUT, E = 16, 24, 4
@@ -118,6 +118,21 @@ def test_auto_dispatch_is_dropless_without_capacity():
     assert layer.dispatch_for(layer.capacity(64)) == "dropless"
     with_capacity = MoELayer(MoEConfig(num_experts=8, k=2, d_ff=16), 8, rngs=nnx.Rngs(0))
     assert with_capacity.dispatch_for(with_capacity.capacity(64)) == "index"
+
+
+@pytest.mark.parametrize("group_size,k,activation,expected", [
+    (512, 1, "relu", "einsum"), (512, 2, "swiglu", "einsum"), (4096, 1, "relu", "index"),
+    (4096, 1, "swiglu", "index")])
+def test_auto_dispatch_on_tpu_follows_the_one_hot_work(group_size, k, activation, expected):
+    """On TPU 'auto' takes einsum while its one-hot products add at most half the experts' FLOPs
+    (2 E C / (k n F) <= 0.5: v5e cost model, einsum cheaper at S = 512, index at S = 4096)."""
+    cfg = MoEConfig(num_experts=8, k=k, d_ff=3072, activation=activation,
+                    train_capacity_factor=1.0 if k == 1 else 1.25,
+                    group_size=group_size)
+    layer = nnx.eval_shape(lambda: MoELayer(cfg, 768, rngs=nnx.Rngs(0)))
+    with sharding.compiling_for("tpu"):
+        assert layer.dispatch_for(layer.capacity(group_size)) == expected
+    assert layer.dispatch_for(layer.capacity(group_size)) == "index"  # XLA:CPU
 
 
 def test_grouped_matmul_refused_where_it_does_not_apply():
