@@ -166,6 +166,15 @@ def test_capacity_buffers_move_by_all_to_all_on_v5e_4(strategy, k):
     assert point["collectives"].get("all-gather", 0) == 0, point["collectives"]
 
 
+def test_soft_moe_slots_move_by_all_to_all_on_v5e_4():
+    """Soft MoE's slots (each a mix of a whole group) go to their experts' chips and back by
+    all-to-all, like the capacity buffers; no token is gathered onto every chip."""
+    point = mesh_point("v5e-4", (1, 4, 1), (16, 256, 128), num_experts=8, router="soft",
+                       soft_slots_per_expert=32)
+    assert point["collectives"].get("all-to-all", 0) >= 4, point["collectives"]
+    assert point["collectives"].get("all-gather", 0) == 0, point["collectives"]
+
+
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (4, 1, 2)])
 def test_data_parallel_dropless_compiles_for_v5e_8(mesh_shape):
     """Experts not split (replicated, or F over 'model'): each chip runs megablox on its own groups
