@@ -52,8 +52,9 @@ def typed(row: dict) -> dict:
     for key in ("E", "k", "S"):
         if key in out:
             out[key] = int(out[key])
-    for key in ("cf", "est_ms", "dense_est", "ratio", "roof_ms", "est_roof"):
-        out[key] = float(out[key])
+    for key in ("cf", "est_ms", "dense_est", "ratio", "roof_ms", "dense_rf", "est_roof"):
+        if key in out:
+            out[key] = float(out[key])
     return out
 
 
@@ -95,6 +96,8 @@ def verdicts(section: str) -> list[str]:
                    [r["est_roof"] for r in top1.values()], 1.10),
            figure("for comparison, not a target: the top-1 experts alone (no router, no dispatch) over "
                   "their floor", [r["est_roof"] for r in pick(k=1, cf=1.0, dispatch="experts")]),
+           figure("for comparison, not a target: the dense twins over their own floor",
+                  sorted({r["dense_est"] / r["dense_rf"] for r in layer})),
            verdict("top-2 cf 1.25 <= 1.25x its floor, E = 8 and 32",
                    [r["est_roof"] for r in fastest(pick(k=2, cf=1.25)).values() if r["E"] in (8, 32)], 1.25),
            verdict("dropless top-2 of 8 (SwiGLU) <= 1.15x its floor",

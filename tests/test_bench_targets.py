@@ -46,8 +46,9 @@ def test_verdicts_of_a_known_table():
     assert lines[0] == ("- top-1 cf 1.0, fastest dispatch (einsum) <= 1.10x its floor, groups of 512: "
                         "not met (1.05-1.56)")
     assert lines[1].endswith("their floor: 1.07")
-    assert lines[2].endswith("no committed figure") and lines[3].endswith("no committed figure")
-    assert lines[4] == "- expert-parallel dropless on 4 chips <= 1.3x its floor: met (1.05)"
+    assert lines[2].endswith("their own floor: 1.13")  # 2.000 / 1.766
+    assert lines[3].endswith("no committed figure") and lines[4].endswith("no committed figure")
+    assert lines[5] == "- expert-parallel dropless on 4 chips <= 1.3x its floor: met (1.05)"
     # ours / MaxText's: 1.000 / 1.56 at E = 8 and 2.000 / 1.85 at E = 32
-    assert lines[5].endswith("at E = 8 / 32): not met (0.64-1.08)")
-    assert lines[6] == "- switch_base on v5e-16, examples/s >= 0.7x t5_base's: not met (0.68)"
+    assert lines[6].endswith("at E = 8 / 32): not met (0.64-1.08)")
+    assert lines[7] == "- switch_base on v5e-16, examples/s >= 0.7x t5_base's: not met (0.68)"
