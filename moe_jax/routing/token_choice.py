@@ -68,21 +68,24 @@ class TokenChoice:
         its width (0.45 ms of a 7.7 ms top-2 layer at S = 512, E = 8, C = 160 on the v5e cost model)."""
         G, S, K = self.position.shape
         E, C = self.num_experts, capacity
-        kept = (self.position >= 0) & (self.position < C)  # [G, S, K]
-        slot = jnp.where(kept, self.expert_index * C + self.position, E * C)  # [G, S, K]
+        slot = self.flat_slot(C)  # [G, S, K]
         slots = jnp.arange(E * C, dtype=jnp.int32)  # [E*C]
         hits = [slot[..., k, None] == slots for k in range(K)]  # K x [G, S, E*C]
         dispatch = sum(h.astype(jnp.float32) for h in hits)  # [G, S, E*C]
         combine = sum(jnp.where(h, self.weight[..., k, None], 0.0) for k, h in enumerate(hits))
         return dispatch.reshape(G, S, E, C), combine.reshape(G, S, E, C)
 
+    def flat_slot(self, capacity: int) -> jax.Array:
+        """int32 [G, S, K]: each choice's slot e*C + position, or the out-of-range E*C when dropped."""
+        kept = (self.position >= 0) & (self.position < capacity)  # [G, S, K]
+        return jnp.where(kept, self.expert_index * capacity + self.position, self.num_experts * capacity)
+
     def slots(self, capacity: int) -> SlotMaps:
         """Per-group slot maps; every index stays inside its group, so a group-sharded batch gathers
         locally."""
         G, S, K = self.position.shape
         E, C = self.num_experts, capacity
-        # [G, S, K]: slot e*C + position, or the out-of-range E*C when dropped.
-        token_slot = jnp.where(self.position >= 0, self.expert_index * C + self.position, E * C)
+        token_slot = self.flat_slot(C)  # [G, S, K]
         choice_id = jnp.arange(S * K, dtype=jnp.int32)
 
         def invert(slots):  # [K*S] -> [E*C]: the choice held by each slot, S*K where empty
