@@ -15,7 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moe_jax import dispatch as dispatch_lib
 from moe_jax import expert_parallel, routing, sharding
-from moe_jax.experts import FeedForward, is_gated
+from moe_jax.experts import FeedForward
 from moe_jax.moe_config import MoEConfig
 from moe_jax.router import Router
 
@@ -119,7 +119,7 @@ class MoELayer(nnx.Module):
             return "dropless"
         fastest = FASTEST_DISPATCH.get(sharding.target_platform(), "index")
         if fastest == "einsum" and capacity is not None:
-            n_mats = 3 if is_gated(self.cfg.activation) else 2
+            n_mats = len(self.experts.wi) + 1  # the input projections and the output one
             if 2 * self.cfg.num_experts * capacity > EINSUM_WORK * self.cfg.k * n_mats * self.cfg.d_ff:
                 return "index"
         return fastest
